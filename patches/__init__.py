@@ -1,0 +1,24 @@
+"""The patches vllm-sink applies to vLLM internals, one module per target.
+
+Every patch here exists because vLLM 0.32 has no hook for it; each module says
+which code it targets and why. ``apply_all`` is called from the plugin entry
+point in every vLLM process; each patch is idempotent and changes nothing
+unless streaming is requested. Installed as ``vllm_sink.patches``.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+PATCHES = ("engine_args_cli", "engine_args_config")
+"""Module names, applied in this order."""
+
+APPLIED: dict[str, bool] = {}
+"""Which patches are in place in this process (inspectable, for support)."""
+
+
+def apply_all() -> None:
+    for name in PATCHES:
+        if not APPLIED.get(name):
+            import_module(f"{__name__}.{name}").apply()
+            APPLIED[name] = True

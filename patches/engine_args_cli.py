@@ -1,0 +1,88 @@
+"""Patch: ``--streaming-sinks`` / ``--streaming-window`` on vLLM's engine CLI.
+
+Targets (vLLM 0.32.0, ``vllm/engine/arg_utils.py``):
+  * ``EngineArgs.add_cli_args`` (staticmethod): adds a "Streaming (vllm-sink)"
+    argument group. Every command built on engine args goes through it
+    (``vllm serve``, ``vllm bench throughput|latency|serve``), and vLLM loads
+    general plugins before building those parsers.
+  * ``EngineArgs.from_cli_args`` (classmethod): copies only dataclass fields,
+    so the two flags are folded into ``additional_config`` here.
+Why no hook: vLLM has no plugin hook to add engine arguments; the platform's
+``pre_register_and_update(parser)`` belongs to the active platform only.
+Without the flags the same settings work unpatched through
+``--additional-config '{"streaming_sinks": 4, "streaming_window": 1020}'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+from vllm_sink.config import DEFAULT_SINKS, DEFAULT_WINDOW, SINKS_KEY, WINDOW_KEY
+
+MARKER = "_vllm_sink_cli_patched"
+GROUP_TITLE = "Streaming (vllm-sink)"
+
+
+def add_streaming_arguments(parser: argparse.ArgumentParser) -> None:
+    if "--streaming-sinks" in parser._option_string_actions:
+        return
+    group = parser.add_argument_group(
+        GROUP_TITLE,
+        "StreamingLLM attention sinks: every token attends the first S tokens plus "
+        "a window of at least W recent tokens, with RoPE positions inside the cache, "
+        "so streams run far past the model's context in bounded KV memory. Giving "
+        "either flag turns streaming on.",
+    )
+    group.add_argument(
+        "--streaming-sinks",
+        type=int,
+        default=None,
+        metavar="S",
+        help=f"Number of initial tokens kept as attention sinks (default {DEFAULT_SINKS} "
+        "when streaming is on; 0 gives plain window attention).",
+    )
+    group.add_argument(
+        "--streaming-window",
+        type=int,
+        default=None,
+        metavar="W",
+        help=f"Least number of recent tokens every token attends (default "
+        f"{DEFAULT_WINDOW}). Evictions are whole KV blocks, so a decoding token "
+        "sees up to block_size-1 more.",
+    )
+
+
+def fold_into_additional_config(engine_args, args: argparse.Namespace) -> None:
+    values = {
+        SINKS_KEY: getattr(args, "streaming_sinks", None),
+        WINDOW_KEY: getattr(args, "streaming_window", None),
+    }
+    values = {key: value for key, value in values.items() if value is not None}
+    if values:
+        engine_args.additional_config = {**(engine_args.additional_config or {}), **values}
+
+
+def apply() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    if EngineArgs.__dict__.get(MARKER):
+        return
+    original_add = EngineArgs.add_cli_args
+    original_from = EngineArgs.from_cli_args.__func__
+
+    @functools.wraps(original_add)
+    def add_cli_args(parser):
+        parser = original_add(parser)
+        add_streaming_arguments(parser)
+        return parser
+
+    @functools.wraps(original_from)
+    def from_cli_args(cls, args: argparse.Namespace):
+        engine_args = original_from(cls, args)
+        fold_into_additional_config(engine_args, args)
+        return engine_args
+
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)
+    EngineArgs.from_cli_args = classmethod(from_cli_args)
+    setattr(EngineArgs, MARKER, True)

@@ -1,0 +1,45 @@
+"""Patch: apply streaming settings when vLLM builds its engine config.
+
+Target (vLLM 0.32.0, ``vllm/engine/arg_utils.py``):
+``EngineArgs.create_engine_config``, the one path from arguments to
+``VllmConfig`` for ``vllm serve``, the benchmarks and offline ``LLM``.
+When ``additional_config`` asks for streaming it sets the streaming worker
+(vLLM's own ``worker_cls`` hook), turns prefix caching off and lifts the length
+cap before the config is derived, then checks the result against the model.
+With streaming off it calls the original untouched.
+Why no hook: a general plugin has no callback between argument parsing and
+config creation, and these settings (prefix caching, ``max_model_len``,
+``worker_cls``) must be fixed before the config derives from them; refusing a
+bad setting here stops start-up before any engine process is spawned.
+"""
+
+from __future__ import annotations
+
+import functools
+
+MARKER = "_vllm_sink_config_patched"
+
+
+def apply() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    if EngineArgs.__dict__.get(MARKER):
+        return
+    original = EngineArgs.create_engine_config
+
+    @functools.wraps(original)
+    def create_engine_config(self, *args, **kwargs):
+        from vllm_sink.config import StreamingSettings
+
+        settings = StreamingSettings.from_additional_config(self.additional_config)
+        if settings is None:
+            return original(self, *args, **kwargs)
+        from vllm_sink.engine_setup import check_engine_config, prepare_engine_args
+
+        prepare_engine_args(self, settings)
+        config = original(self, *args, **kwargs)
+        check_engine_config(config)
+        return config
+
+    EngineArgs.create_engine_config = create_engine_config
+    setattr(EngineArgs, MARKER, True)

@@ -1,0 +1,41 @@
+"""A small random-weight Llama checkpoint for fast engine tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TINY_MAX_POSITIONS = 2048
+
+
+def build_tiny_llama(path: Path, seed: int = 0) -> Path:
+    """Write a 2-layer Llama (4 query / 2 KV heads of 64 dims) to ``path``.
+
+    Weights are larger than a trained model's init so that attention is far
+    from uniform: a key at the wrong position or a missing sink changes the
+    logits visibly.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (path / "config.json").exists():
+        return path
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=TINY_MAX_POSITIONS,
+        rope_theta=10000.0,
+        initializer_range=0.08,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    model.save_pretrained(path, safe_serialization=True)
+    return path

@@ -1,0 +1,89 @@
+"""The user's streaming settings, read from vLLM's ``additional_config``.
+
+``--streaming-sinks`` / ``--streaming-window`` on the command line and
+``LLM(..., additional_config={"streaming_sinks": 4, "streaming_window": 1020})``
+offline both end up as these two keys, so this is the one place they are parsed
+and checked. Streaming is on when either key is present.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from vllm_sink.policy import SinkWindowPolicy
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+SINKS_KEY = "streaming_sinks"
+WINDOW_KEY = "streaming_window"
+
+DEFAULT_SINKS = 4
+"""The paper's choice: four initial tokens recover window attention's perplexity."""
+DEFAULT_WINDOW = 1020
+"""The paper's main setting (4 sinks + 1020 recent tokens, a 1024-token cache)."""
+DEFAULT_MAX_STREAM_LEN = 1 << 18
+"""Stream length cap used when the user gives no ``--max-model-len``.
+
+vLLM sizes some per-request host buffers by ``max_model_len`` (about 5 bytes per
+token per ``max_num_seqs`` slot), so the cap is finite; raise it with
+``--max-model-len``.
+"""
+
+
+class StreamingConfigError(ValueError):
+    """A streaming setting that cannot work; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class StreamingSettings:
+    sinks: int = DEFAULT_SINKS
+    window: int = DEFAULT_WINDOW
+
+    @classmethod
+    def from_additional_config(
+        cls, additional_config: Mapping[str, Any] | Any | None
+    ) -> StreamingSettings | None:
+        """Parse the streaming keys; ``None`` when streaming is off."""
+        if not isinstance(additional_config, Mapping):
+            return None
+        if SINKS_KEY not in additional_config and WINDOW_KEY not in additional_config:
+            return None
+        sinks = _as_int(additional_config.get(SINKS_KEY, DEFAULT_SINKS), "--streaming-sinks")
+        window = _as_int(
+            additional_config.get(WINDOW_KEY, DEFAULT_WINDOW), "--streaming-window"
+        )
+        if sinks < 0:
+            raise StreamingConfigError(
+                f"--streaming-sinks must be 0 or more (got {sinks}); the paper uses 4"
+            )
+        if window < 1:
+            raise StreamingConfigError(
+                f"--streaming-window must be at least 1 (got {window}); "
+                f"for example {DEFAULT_WINDOW}"
+            )
+        return cls(sinks=sinks, window=window)
+
+
+def _as_int(value: Any, flag: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise StreamingConfigError(f"{flag} must be an integer (got {value!r})")
+    try:
+        return int(value)
+    except ValueError:
+        raise StreamingConfigError(f"{flag} must be an integer (got {value!r})") from None
+
+
+def policy_from_vllm_config(vllm_config: VllmConfig) -> SinkWindowPolicy:
+    """The engine's policy: the user's settings plus vLLM's block and chunk sizes."""
+    settings = StreamingSettings.from_additional_config(vllm_config.additional_config)
+    if settings is None:
+        raise StreamingConfigError("streaming is not enabled in additional_config")
+    return SinkWindowPolicy(
+        sinks=settings.sinks,
+        window=settings.window,
+        block_size=vllm_config.cache_config.block_size,
+        max_chunk_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
+    )

@@ -1,0 +1,90 @@
+"""Where CPU_ATTN keeps each key and value inside a KV block.
+
+A CPU_ATTN cache tensor is ``[num_blocks, num_kv_heads, block_size, 2 * head]``,
+but the kernel packs the page per ISA (e.g. the ``vec`` ISA stores keys
+dimension-major). Rather than hard-code one packing, we write known values with
+vLLM's own cache-write op once at start-up and read back where they landed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PageLayout:
+    """Flat offsets, within one (block, head) page, of each token's K and V."""
+
+    key_offsets: torch.Tensor  # [block_size, head_size], int64
+    value_offsets: torch.Tensor  # [block_size, head_size], int64
+    page_elems: int  # elements in one (block, head) page
+
+    @classmethod
+    def probe_cpu_attn(
+        cls, block_size: int, head_size: int, dtype: torch.dtype, isa: str
+    ) -> PageLayout:
+        from vllm import _custom_ops as ops
+
+        page_elems = 2 * block_size * head_size
+        token = torch.arange(block_size).view(block_size, 1, 1).expand(-1, 1, head_size)
+        dim = torch.arange(head_size).view(1, 1, head_size).expand(block_size, 1, -1)
+        # Small integers stay exact in bf16/fp16: read token and dim in base-16 digits.
+        digits = [token % 16, token // 16, dim % 16, dim // 16]
+        readings = []
+        for digit in digits:
+            kv = torch.zeros(1, 1, block_size, 2 * head_size, dtype=dtype)
+            key_cache, value_cache = kv.view(1, 1, 2 * block_size, head_size).chunk(2, dim=2)
+            ops.cpu_attn_reshape_and_cache(
+                (digit + 1).to(dtype),
+                (-(digit + 1)).to(dtype),
+                key_cache,
+                value_cache,
+                torch.arange(block_size, dtype=torch.int64),
+                isa,
+                k_scale=1.0,
+                v_scale=1.0,
+                kv_cache_dtype="auto",
+            )
+            readings.append(kv.view(page_elems).to(torch.float32))
+
+        def offsets(sign: int) -> torch.Tensor:
+            values = [(sign * r).round().long() - 1 for r in readings]
+            written = values[0] >= 0
+            t = values[0] + 16 * values[1]
+            d = values[2] + 16 * values[3]
+            table = torch.full((block_size, head_size), -1, dtype=torch.int64)
+            where = torch.nonzero(written).squeeze(-1)
+            table[t[where], d[where]] = where
+            if (table < 0).any() or int(written.sum()) != block_size * head_size:
+                raise RuntimeError(
+                    f"could not map the CPU_ATTN KV layout (isa={isa}, dtype={dtype}, "
+                    f"block_size={block_size}, head_size={head_size}); vllm-sink "
+                    "cannot re-rotate keys in this cache"
+                )
+            return table
+
+        return cls(key_offsets=offsets(1), value_offsets=offsets(-1), page_elems=page_elems)
+
+
+class PagedKV:
+    """Gather and scatter keys/values of whole slots across one layer's cache."""
+
+    def __init__(self, kv_cache: torch.Tensor, layout: PageLayout) -> None:
+        num_blocks, self.num_heads = kv_cache.shape[0], kv_cache.shape[1]
+        self.flat = kv_cache.view(-1)
+        self.layout = layout
+        heads = torch.arange(self.num_heads, dtype=torch.int64) * layout.page_elems
+        self._head_base = heads.view(1, self.num_heads, 1, 1)
+
+    def _index(self, blocks: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        base = blocks.view(-1, 1, 1, 1) * (self.num_heads * self.layout.page_elems)
+        return base + self._head_base + offsets.unsqueeze(0).unsqueeze(0)
+
+    def key_index(self, blocks: torch.Tensor, slots: slice = slice(None)) -> torch.Tensor:
+        """Flat indices ``[len(blocks), heads, slots, head_size]`` of the keys."""
+        return self._index(blocks, self.layout.key_offsets[slots])
+
+    def value_index(self, blocks: torch.Tensor, slots: slice = slice(None)) -> torch.Tensor:
+        return self._index(blocks, self.layout.value_offsets[slots])

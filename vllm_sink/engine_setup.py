@@ -1,0 +1,131 @@
+"""Turning streaming settings into a vLLM engine configuration, or a clear refusal.
+
+Two steps around ``EngineArgs.create_engine_config``:
+
+* :func:`prepare_engine_args` adjusts the arguments vLLM derives the config
+  from (streaming worker, no prefix caching, a stream length cap past the
+  model's context) and refuses features that cannot stream;
+* :func:`check_engine_config` checks the finished config against the model
+  (RoPE, full attention only, cache positions within the trained range).
+
+Both raise :class:`~vllm_sink.config.StreamingConfigError` with a message that
+says what to change, before any engine process starts.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from vllm.logger import init_logger
+
+from vllm_sink.config import (
+    DEFAULT_MAX_STREAM_LEN,
+    StreamingConfigError,
+    StreamingSettings,
+    policy_from_vllm_config,
+)
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+logger = init_logger("vllm.vllm_sink")
+
+CPU_WORKER = "vllm_sink.worker.StreamingCPUWorker"
+
+
+def prepare_engine_args(args: EngineArgs, settings: StreamingSettings) -> None:
+    import vllm
+    from vllm.platforms import current_platform
+
+    from vllm_sink import SUPPORTED_VLLM, __version__
+
+    if tuple(vllm.__version_tuple__[:2]) != SUPPORTED_VLLM:
+        raise StreamingConfigError(
+            f"vllm-sink {__version__} supports vLLM {SUPPORTED_VLLM[0]}.{SUPPORTED_VLLM[1]}"
+            f".x; this is vLLM {vllm.__version__}"
+        )
+    if not current_platform.is_cpu():
+        raise StreamingConfigError(
+            "vllm-sink streaming runs on vLLM's CPU backend in this release; the "
+            f"{current_platform.device_name} path is designed but not built yet. "
+            "Remove --streaming-sinks/--streaming-window to serve without streaming."
+        )
+    if args.worker_cls not in ("auto", CPU_WORKER):
+        raise StreamingConfigError(
+            f"streaming needs its own worker class; remove --worker-cls {args.worker_cls}"
+        )
+    refusals = {
+        "speculative decoding": args.speculative_config,
+        "a quantized KV cache (--kv-cache-dtype)": args.kv_cache_dtype not in ("auto", None),
+        "tensor parallelism": (args.tensor_parallel_size or 1) > 1,
+        "pipeline parallelism": (args.pipeline_parallel_size or 1) > 1,
+        "--no-enable-chunked-prefill (long prompts stream through chunks)": (
+            args.enable_chunked_prefill is False
+        ),
+    }
+    for feature, requested in refusals.items():
+        if requested:
+            raise StreamingConfigError(f"vllm-sink streaming does not support {feature}")
+
+    args.worker_cls = CPU_WORKER
+    if args.enable_prefix_caching:
+        logger.info("vllm-sink: prefix caching is turned off for streams")
+    args.enable_prefix_caching = False
+    if args.max_model_len is None:
+        args.max_model_len = DEFAULT_MAX_STREAM_LEN
+    # Streams run past the model's context by design: their RoPE positions stay
+    # within the cache (checked in check_engine_config), not within the text.
+    os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
+
+
+def check_engine_config(config: VllmConfig) -> None:
+    model = config.model_config
+    text_config = model.hf_text_config
+    problems = {
+        "MLA attention": model.use_mla,
+        "hybrid (attention + state-space) layers": model.is_hybrid,
+        "multimodal M-RoPE": model.uses_mrope,
+        "sliding-window layers": bool(getattr(text_config, "sliding_window", None)),
+        "no rotary position embedding": not (
+            getattr(text_config, "rope_parameters", None)
+            or getattr(text_config, "rope_theta", None)
+        ),
+    }
+    for problem, present in problems.items():
+        if present:
+            raise StreamingConfigError(
+                f"vllm-sink cannot stream {model.model}: the model has {problem}. "
+                "Supported: decoder-only RoPE models with full attention (Llama-like)."
+            )
+    backend = config.attention_config.backend
+    if backend is not None and str(getattr(backend, "name", backend)) != "CPU_ATTN":
+        raise StreamingConfigError(
+            f"vllm-sink streams through the CPU_ATTN backend; remove the "
+            f"attention backend choice {backend}"
+        )
+    try:
+        policy = policy_from_vllm_config(config)
+    except ValueError as error:
+        raise StreamingConfigError(str(error)) from None
+    trained = int(getattr(text_config, "max_position_embeddings", 0) or model.max_model_len)
+    if policy.max_position >= trained:
+        room = trained - (policy.max_position + 1 - policy.window)
+        raise StreamingConfigError(
+            f"a streaming cache of {policy.sinks} sinks + {policy.window} window tokens, "
+            f"with {policy.block_size}-token blocks and prefill chunks of up to "
+            f"{policy.max_chunk_tokens} tokens, reaches RoPE position {policy.max_position}, "
+            f"past the {trained} positions {model.model} was trained on. Lower "
+            f"--streaming-window to at most {max(room, 0)}, or lower "
+            "--max-num-batched-tokens or --block-size."
+        )
+    logger.info(
+        "vllm-sink: streaming on: %d sinks + a window of %d tokens (+ up to %d while "
+        "decoding, %d with %d-token prefill chunks), block size %d, at most %d KV "
+        "blocks per stream, RoPE positions < %d; streams may reach %d tokens "
+        "(--max-model-len)",
+        policy.sinks, policy.window, policy.max_decode_window_slack,
+        policy.max_window_slack, policy.max_chunk_tokens, policy.block_size,
+        policy.max_resident_blocks, policy.max_position + 1, model.max_model_len,
+    )

@@ -1,0 +1,161 @@
+"""Scheduler side: the KV cache spec and manager of a streaming layer group.
+
+Registered through vLLM's ``KVCacheSpecRegistry``; the stock scheduler and
+block pool do the rest. The manager pins each request's head block, frees the
+window blocks the policy has evicted (they go straight back to the block pool
+for any request to reuse) and caps admission at the per-stream bound, so a
+prompt of any length is admitted once that bound fits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
+
+from vllm_sink.policy import SinkWindowPolicy
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.kv_cache_utils import BlockHashList, KVCacheBlock
+    from vllm.v1.request import Request
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamingSinkSpec(FullAttentionSpec):
+    """Full attention whose memory per request is bounded by sinks + window."""
+
+    sink_tokens: int
+    window_tokens: int
+    max_chunk_tokens: int
+
+    @property
+    def policy(self) -> SinkWindowPolicy:
+        return SinkWindowPolicy(
+            sinks=self.sink_tokens,
+            window=self.window_tokens,
+            block_size=self.block_size,
+            max_chunk_tokens=self.max_chunk_tokens,
+        )
+
+    @property
+    def prefix_cacheable(self) -> bool:
+        # Evicted, re-rotated blocks are not a function of their token prefix.
+        return False
+
+    def max_memory_usage_bytes(self, vllm_config: VllmConfig) -> int:
+        return self.policy.max_resident_blocks * self.page_size_bytes
+
+    @classmethod
+    def from_full_attention(
+        cls, spec: FullAttentionSpec, policy: SinkWindowPolicy
+    ) -> StreamingSinkSpec:
+        fields = {f: getattr(spec, f) for f in spec.__dataclass_fields__}
+        return cls(
+            **fields,
+            sink_tokens=policy.sinks,
+            window_tokens=policy.window,
+            max_chunk_tokens=policy.max_chunk_tokens,
+        )
+
+    @classmethod
+    def merge(cls, specs: list[StreamingSinkSpec]) -> StreamingSinkSpec:  # type: ignore[override]
+        if not all(spec == specs[0] for spec in specs[1:]):
+            raise AssertionError("All streaming layers in a KV cache group must match.")
+        return specs[0]
+
+
+class StreamingSinkManager(SingleTypeKVCacheManager):
+    """Frees evicted window blocks; never shares blocks through prefix caching."""
+
+    def __init__(self, kv_cache_spec: StreamingSinkSpec, **kwargs) -> None:
+        self.policy = kv_cache_spec.policy
+        kwargs["max_admission_blocks_per_request"] = self.policy.max_resident_blocks
+        super().__init__(kv_cache_spec, **kwargs)
+        self._freed_until: dict[str, int] = {}
+        self.peak_resident_blocks = 0
+        """Most blocks any one request has held at once (for tests and metrics)."""
+        self.num_evicted_blocks = 0
+        """Window blocks returned to the pool so far."""
+
+    def resident_blocks(self, request_id: str) -> int:
+        """Blocks the request holds now (freed slots are null placeholders)."""
+        blocks = self.req_to_blocks.get(request_id, ())
+        return len(blocks) - max(0, self._freed_until.get(request_id, 1) - 1)
+
+    def remove_skipped_blocks(
+        self,
+        request_id: str,
+        processed_computed_tokens: int,
+        num_prompt_tokens: int | None = None,
+    ) -> None:
+        first, last = self.policy.freeable_block_range(processed_computed_tokens)
+        last = min(last, len(self.req_to_blocks.get(request_id, ())))
+        already = self._freed_until.get(request_id, first)
+        if last <= already:
+            return
+        self._remove_blocks_in_range(request_id, first, last)
+        self.num_evicted_blocks += last - already
+        self._freed_until[request_id] = last
+
+    def allocate_new_blocks(
+        self, request_id: str, num_tokens: int, num_tokens_main_model: int
+    ) -> list[KVCacheBlock]:
+        new_blocks = super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
+        self.peak_resident_blocks = max(
+            self.peak_resident_blocks, self.resident_blocks(request_id)
+        )
+        return new_blocks
+
+    def free(self, request_id: str) -> None:
+        super().free(request_id)
+        self._freed_until.pop(request_id, None)
+
+    @classmethod
+    def find_longest_cache_hit(
+        cls,
+        block_hashes: BlockHashList,
+        max_length: int,
+        kv_cache_group_ids: list[int],
+        block_pool: BlockPool,
+        kv_cache_spec: KVCacheSpec,
+        drop_eagle_block: bool,
+        alignment_tokens: int,
+        dcp_world_size: int = 1,
+        pcp_world_size: int = 1,
+    ) -> tuple[tuple[list[KVCacheBlock], ...], int]:
+        return tuple([] for _ in kv_cache_group_ids), 0
+
+    def cache_blocks(
+        self,
+        request: Request,
+        num_tokens: int,
+        retention_interval: int | None = None,
+        *,
+        replay_boundaries: Sequence[int] = (),
+    ) -> None:
+        return
+
+
+def _register_streaming_spec() -> None:
+    """Add the spec to vLLM's registry, after vLLM's own specs.
+
+    Runs when this module is first imported: only processes that use streaming
+    import it (the worker builds the spec, the engine core unpickles it), so an
+    engine with streaming off never touches the registry.
+    """
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    # The registry fills in vLLM's built-in specs only while it is empty:
+    # registering ours first would leave FullAttentionSpec & co. unregistered.
+    KVCacheSpecRegistry._ensure_registered()
+    KVCacheSpecRegistry.register(
+        StreamingSinkSpec, StreamingSinkManager, uniform_type_base_spec=StreamingSinkSpec
+    )
+
+
+_register_streaming_spec()

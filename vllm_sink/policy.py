@@ -1,0 +1,143 @@
+"""Which KV blocks a stream keeps and which RoPE positions its tokens get.
+
+Pure arithmetic, shared by the scheduler side (which blocks to free) and the
+worker side (which blocks to re-rotate, the compact block table, positions), so
+the two can never disagree and need no extra messages between processes.
+
+Layout of one stream in vLLM's paged cache (``bs`` = block size, ``S`` sinks):
+
+* block 0 of the request is the *head block*, pinned for the life of the
+  request. Its first ``S`` slots hold the sink tokens (the first ``S`` tokens of
+  the stream). Its other ``bs - S`` slots hold the ``bs - S`` tokens that come
+  right before the first window block. Before any eviction that is simply the
+  original text; at each eviction those slots are refilled (keys re-rotated)
+  from the tail of the last evicted block.
+* after ``ev`` evictions, absolute blocks ``1 .. ev`` are gone from the window
+  (block ``ev`` is still held: it was the source of the head refill, and is
+  freed at the next eviction), and the window is absolute blocks ``ev+1 ..``.
+
+The attention kernel therefore sees the compact table
+``[head, block ev+1, block ev+2, ...]``: an ordinary contiguous sequence of
+``num_tokens - ev * bs`` tokens made of exactly ``S`` sinks plus the most recent
+tokens. Token ``a`` (not a sink) sits at cache position ``a - ev * bs``; sinks
+sit at ``0 .. S-1``. Every query therefore sees its window at true relative
+distances and the sinks right before the window, as in StreamingLLM.
+
+Eviction rule: before a step that starts with ``n`` computed tokens,
+``ev(n) = max(0, (n + 1 - S - W) // bs)``. The first query of the step (absolute
+position ``n``) then attends ``S`` sinks plus ``W .. W + bs - 1`` recent tokens
+(itself included). A query ``i`` tokens later in the same prefill chunk attends
+``i`` more, so the slack above ``W`` is at most ``bs - 1`` for decoding and
+``bs - 1 + C - 1`` for a prefill chunk of ``C`` tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class SinkWindowPolicy:
+    """The sink + window rule for one engine (all streams share it)."""
+
+    sinks: int
+    """S: the first tokens every query attends (their KV is pinned)."""
+    window: int
+    """W: the least number of most recent tokens every query attends."""
+    block_size: int
+    """vLLM's KV block size in tokens."""
+    max_chunk_tokens: int
+    """The most tokens one request can bring in one step (prefill chunk)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.sinks <= self.block_size:
+            raise ValueError(
+                f"streaming sinks ({self.sinks}) must be between 0 and the KV "
+                f"block size ({self.block_size})"
+            )
+        if self.window < self.block_size:
+            raise ValueError(
+                f"streaming window ({self.window}) must be at least the KV block "
+                f"size ({self.block_size}); raise --streaming-window or lower "
+                "--block-size"
+            )
+        if self.max_chunk_tokens < 1:
+            raise ValueError("max_chunk_tokens must be positive")
+
+    # ----------------------------------------------------------------- eviction
+    def evicted_blocks(self, num_computed_tokens: int) -> int:
+        """Window blocks evicted before a step starting at ``num_computed_tokens``."""
+        spare = num_computed_tokens + 1 - self.sinks - self.window
+        return max(0, spare // self.block_size)
+
+    def evicted_blocks_array(self, num_computed_tokens: ArrayT) -> ArrayT:
+        """:meth:`evicted_blocks` for a numpy array or torch tensor of requests."""
+        spare = num_computed_tokens + 1 - self.sinks - self.window
+        return spare.clip(min=0) // self.block_size
+
+    def freeable_block_range(self, num_computed_tokens: int) -> tuple[int, int]:
+        """Request block indices ``[first, last)`` the scheduler may free.
+
+        The newest evicted block is kept one eviction longer: the worker reads
+        its tail to refill the head block in the same step the eviction
+        happens, and the scheduler may hand freed blocks to other requests
+        before that step runs.
+        """
+        return 1, self.evicted_blocks(num_computed_tokens)
+
+    # ---------------------------------------------------------------- positions
+    def position_shift(self, num_computed_tokens: int) -> int:
+        """How far left (in tokens) non-sink tokens sit in the cache."""
+        return self.evicted_blocks(num_computed_tokens) * self.block_size
+
+    def attended_window_start(self, num_computed_tokens: int) -> int:
+        """First non-sink token attended by queries of a step starting at ``n``.
+
+        Before the first eviction this is ``S`` (all history is attended).
+        """
+        return self.position_shift(num_computed_tokens) + self.sinks
+
+    # ------------------------------------------------------------------- bounds
+    @property
+    def max_cached_tokens(self) -> int:
+        """The most tokens the kernel sees for one request (sinks + window + slack)."""
+        return self.sinks + self.window + self.block_size + self.max_chunk_tokens - 2
+
+    @property
+    def max_position(self) -> int:
+        """The largest RoPE position any token or key is given."""
+        return self.max_cached_tokens - 1
+
+    @property
+    def max_window_slack(self) -> int:
+        """Most tokens above W that a query may attend (prefill chunks included)."""
+        return self.block_size - 1 + self.max_chunk_tokens - 1
+
+    @property
+    def max_decode_window_slack(self) -> int:
+        """Most tokens above W that a decoding query attends."""
+        return self.block_size - 1
+
+    @property
+    def max_compact_blocks(self) -> int:
+        """Columns of the compact block table handed to the kernel."""
+        return _cdiv(self.max_cached_tokens, self.block_size)
+
+    @property
+    def max_resident_blocks(self) -> int:
+        """Most KV blocks one stream holds at any time.
+
+        Head block + the held source block + the window blocks covering at most
+        ``S + W + C - 2`` tokens past the held block's end.
+        """
+        return 2 + _cdiv(self.sinks + self.window + self.max_chunk_tokens - 2, self.block_size)

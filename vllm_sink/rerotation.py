@@ -1,0 +1,60 @@
+"""Moving cached keys to new RoPE positions, in place in vLLM's paged cache.
+
+vLLM caches keys after RoPE. When the window slides by ``d`` tokens, every key
+kept in the window must move ``d`` positions to the left; rotations compose, so
+``R(p - d) k = R(-d) R(p) k`` and the cached key is rotated by ``-d``. The
+angles come from the layer's own rotary module (so its base, scaling and
+rotary dims stay right), normalised to unit length so that scalings which also
+scale the magnitude (YaRN's mscale) are not applied twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class RopeDeltas:
+    """cos/sin of ``delta * theta_i`` for every delta the rotary table covers."""
+
+    cos: torch.Tensor  # [max_position, rotary_dim // 2], float32
+    sin: torch.Tensor
+    rotary_dim: int
+    is_neox_style: bool
+
+    @classmethod
+    def from_rotary_module(cls, rotary: torch.nn.Module) -> RopeDeltas:
+        table = rotary._compute_cos_sin_cache().to(torch.float64)
+        rotary_dim = int(rotary.rotary_dim)
+        if table.dim() != 2 or table.shape[1] != rotary_dim:
+            raise ValueError(
+                f"{type(rotary).__name__} has a rotary table of shape "
+                f"{tuple(table.shape)}; only plain [positions, rotary_dim] tables "
+                "can be re-rotated"
+            )
+        cos, sin = table.chunk(2, dim=-1)
+        norm = torch.sqrt(cos * cos + sin * sin)
+        return cls(
+            cos=(cos / norm).to(torch.float32),
+            sin=(sin / norm).to(torch.float32),
+            rotary_dim=rotary_dim,
+            is_neox_style=bool(rotary.is_neox_style),
+        )
+
+    def rotate_back(self, keys: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+        """Rotate ``keys[i, ...]`` (float32, last dim = head size) by ``-deltas[i]``."""
+        cos = self.cos[deltas]
+        sin = -self.sin[deltas]
+        shape = (keys.shape[0],) + (1,) * (keys.dim() - 2) + (cos.shape[-1],)
+        cos, sin = cos.view(shape), sin.view(shape)
+        rot = keys[..., : self.rotary_dim]
+        if self.is_neox_style:
+            x1, x2 = rot.chunk(2, dim=-1)
+            rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        else:
+            x1, x2 = rot[..., 0::2], rot[..., 1::2]
+            rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+            rotated = rotated.flatten(-2)
+        return torch.cat((rotated, keys[..., self.rotary_dim :]), dim=-1)
