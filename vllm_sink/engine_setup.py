@@ -14,11 +14,14 @@ says what to change, before any engine process starts.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from vllm.logger import init_logger
 
+from vllm_sink.policy import SinkWindowPolicy
 from vllm_sink.config import (
     DEFAULT_MAX_STREAM_LEN,
     StreamingConfigError,
@@ -75,9 +78,59 @@ def prepare_engine_args(args: EngineArgs, settings: StreamingSettings) -> None:
     args.enable_prefix_caching = False
     if args.max_model_len is None:
         args.max_model_len = DEFAULT_MAX_STREAM_LEN
-    # Streams run past the model's context by design: their RoPE positions stay
-    # within the cache (checked in check_engine_config), not within the text.
-    os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
+
+
+@contextlib.contextmanager
+def long_streams_allowed() -> Iterator[None]:
+    """Let ``max_model_len`` pass the model's context while the config is derived.
+
+    Streams run past the context by design: their RoPE positions stay within the
+    cache (checked in :func:`check_engine_config`), not within the text. Scoped
+    so that engines without streaming in the same process keep vLLM's check.
+    """
+    import vllm.envs as envs
+
+    key = "VLLM_ALLOW_LONG_MAX_MODEL_LEN"
+    before = os.environ.get(key)
+    os.environ[key] = "1"
+    if envs._is_envs_cache_enabled():
+        envs.__getattr__.cache_clear()
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = before
+        if envs._is_envs_cache_enabled():
+            envs.__getattr__.cache_clear()
+
+
+def streaming_policy(config: VllmConfig) -> SinkWindowPolicy:
+    try:
+        return policy_from_vllm_config(config)
+    except ValueError as error:
+        raise StreamingConfigError(str(error)) from None
+
+
+def trained_positions(config: VllmConfig) -> int:
+    """Positions the model's RoPE table covers (the most a stream may use)."""
+    text_config = config.model_config.hf_text_config
+    return int(getattr(text_config, "max_position_embeddings", 0) or config.model_config.max_model_len)
+
+
+def fitting_chunk_size(config: VllmConfig) -> int | None:
+    """A smaller prefill chunk size that keeps positions in range.
+
+    ``None`` when the chunk size is not the problem (positions fit already), or
+    when no chunk of at least one block would fit: the window is too large.
+    """
+    policy = streaming_policy(config)
+    overshoot = policy.max_position + 1 - trained_positions(config)
+    chunk = policy.max_chunk_tokens - overshoot
+    if overshoot <= 0 or chunk < policy.block_size:
+        return None
+    return chunk
 
 
 def check_engine_config(config: VllmConfig) -> None:
@@ -105,20 +158,21 @@ def check_engine_config(config: VllmConfig) -> None:
             f"vllm-sink streams through the CPU_ATTN backend; remove the "
             f"attention backend choice {backend}"
         )
-    try:
-        policy = policy_from_vllm_config(config)
-    except ValueError as error:
-        raise StreamingConfigError(str(error)) from None
-    trained = int(getattr(text_config, "max_position_embeddings", 0) or model.max_model_len)
+    policy = streaming_policy(config)
+    trained = trained_positions(config)
     if policy.max_position >= trained:
-        room = trained - (policy.max_position + 1 - policy.window)
+        max_window = trained - (policy.max_position + 1 - policy.window)
+        max_chunk = trained - (policy.max_position + 1 - policy.max_chunk_tokens)
+        fixes = [f"--streaming-window to at most {max_window}"] if max_window >= policy.block_size else []
+        if max_chunk >= policy.block_size:
+            fixes.append(f"--max-num-batched-tokens to at most {max_chunk}")
         raise StreamingConfigError(
             f"a streaming cache of {policy.sinks} sinks + {policy.window} window tokens, "
             f"with {policy.block_size}-token blocks and prefill chunks of up to "
             f"{policy.max_chunk_tokens} tokens, reaches RoPE position {policy.max_position}, "
             f"past the {trained} positions {model.model} was trained on. Lower "
-            f"--streaming-window to at most {max(room, 0)}, or lower "
-            "--max-num-batched-tokens or --block-size."
+            + (" or ".join(fixes) if fixes else "--streaming-window and --max-num-batched-tokens")
+            + "."
         )
     logger.info(
         "vllm-sink: streaming on: %d sinks + a window of %d tokens (+ up to %d while "

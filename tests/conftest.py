@@ -1,0 +1,73 @@
+"""Shared set-up: environment for vLLM's CPU backend, models, engines."""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+# vLLM's CPU backend sizes the KV cache from NUMA node 0 (about 9 GiB here) and
+# fails its utilisation check unless the size is explicit. Engines run in this
+# process so that tests can inspect the scheduler's KV cache manager.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+import pytest  # noqa: E402
+
+from tiny_llama import build_tiny_llama  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+SMOLLM2 = REPO / "models" / "SmolLM2-135M-Instruct"
+TEXT = REPO / "data" / "debian-handbook.txt"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    if not (SMOLLM2 / "config.json").exists():
+        pytest.fail(f"{SMOLLM2} is missing: run ./setup.sh first")
+    return SMOLLM2
+
+
+@pytest.fixture(scope="session")
+def handbook_tokens(smollm2) -> list[int]:
+    from transformers import AutoTokenizer
+
+    if not TEXT.exists():
+        pytest.fail(f"{TEXT} is missing: run ./setup.sh first")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    return tokenizer(TEXT.read_text()[:400_000])["input_ids"]
+
+
+def shutdown(llm) -> None:
+    """Stop an in-process engine so the next one can start in this process."""
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+    cleanup_dist_env_and_memory()
+
+
+@pytest.fixture
+def engine_factory() -> Iterator:
+    """``make(model, **LLM kwargs)`` starts a real vLLM engine, eager, in-process."""
+    from vllm import LLM
+
+    started = []
+
+    def make(model: Path, **kwargs):
+        kwargs.setdefault("enforce_eager", True)
+        llm = LLM(str(model), **kwargs)
+        started.append(llm)
+        return llm
+
+    yield make
+    for llm in started:
+        shutdown(llm)
+    started.clear()

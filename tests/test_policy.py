@@ -1,0 +1,63 @@
+"""The sink + window rule, checked by simulating streams step by step."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from vllm_sink.policy import SinkWindowPolicy
+
+
+def simulate(policy: SinkWindowPolicy, steps: list[int]):
+    """Walk a stream through steps of ``q`` tokens; yield what each query sees."""
+    n = 0
+    for q in steps:
+        shift = policy.position_shift(n)
+        for i in range(q):
+            p = n + i
+            attended = list(range(min(policy.sinks, p + 1))) + list(
+                range(policy.attended_window_start(n), p + 1)
+            )
+            yield n, p, shift, attended
+        n += q
+
+
+@pytest.mark.parametrize("sinks,window,block,chunk", [(4, 64, 32, 1), (4, 64, 32, 100), (0, 128, 128, 37), (4, 1020, 128, 512), (32, 32, 32, 7)])
+def test_every_query_sees_sinks_plus_contiguous_window(sinks, window, block, chunk):
+    policy = SinkWindowPolicy(sinks, window, block, max_chunk_tokens=chunk)
+    steps = [chunk] * 40 + [1] * 300
+    for n, p, shift, attended in simulate(policy, steps):
+        sink_part = [a for a in attended if a < sinks]
+        recent = [a for a in attended if a >= sinks]
+        assert sink_part == list(range(min(sinks, p + 1)))
+        assert recent == list(range(recent[0], p + 1)) if recent else True
+        if p + 1 >= sinks + window:
+            assert window <= len(recent) <= window + policy.max_window_slack
+        if chunk == 1:
+            assert len(recent) <= window + policy.max_decode_window_slack
+        # Positions inside the cache: the query sits right after what it attends.
+        assert p - shift == len(attended) - 1
+        assert p - shift <= policy.max_position
+
+
+@pytest.mark.parametrize("sinks,window,block,chunk", [(4, 64, 32, 64), (4, 1020, 128, 2048), (0, 256, 32, 1)])
+def test_resident_blocks_bound(sinks, window, block, chunk):
+    """Blocks a stream holds (head + held + window) never exceed the stated bound."""
+    policy = SinkWindowPolicy(sinks, window, block, max_chunk_tokens=chunk)
+    n, freed_until, peak = 0, 1, 0
+    for q in [chunk] * 30 + [1] * 2000:
+        first, last = policy.freeable_block_range(n)
+        freed_until = max(freed_until, last)
+        allocated = math.ceil((n + q) / block)
+        peak = max(peak, allocated - (freed_until - first))
+        n += q
+    assert peak <= policy.max_resident_blocks
+    assert policy.max_resident_blocks - peak <= 2  # the bound is not loose
+
+
+def test_refuses_impossible_settings():
+    with pytest.raises(ValueError, match="sinks"):
+        SinkWindowPolicy(sinks=33, window=64, block_size=32, max_chunk_tokens=8)
+    with pytest.raises(ValueError, match="window"):
+        SinkWindowPolicy(sinks=4, window=16, block_size=32, max_chunk_tokens=8)

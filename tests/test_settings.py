@@ -1,0 +1,113 @@
+"""Flags, additional_config and start-up refusals (no engine is started)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+
+from vllm_sink.config import StreamingConfigError, StreamingSettings
+
+
+def parse_serve_args(argv: list[str]):
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser())
+    return parser, parser.parse_args(["--model", "m", *argv])
+
+
+def test_serve_flags_land_in_additional_config():
+    parser, args = parse_serve_args(["--streaming-sinks", "4", "--streaming-window", "1020"])
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    assert engine_args.additional_config == {"streaming_sinks": 4, "streaming_window": 1020}
+    assert "Streaming (vllm-sink)" in parser.format_help()
+
+
+def test_flags_merge_with_other_additional_config():
+    _, args = parse_serve_args(
+        ["--streaming-sinks", "0", "--additional-config", json.dumps({"other": 1})]
+    )
+    assert AsyncEngineArgs.from_cli_args(args).additional_config == {"other": 1, "streaming_sinks": 0}
+
+
+def test_no_flags_no_streaming():
+    _, args = parse_serve_args([])
+    assert AsyncEngineArgs.from_cli_args(args).additional_config == {}
+    assert StreamingSettings.from_additional_config({}) is None
+
+
+def test_sinks_alone_turn_streaming_on_with_default_window():
+    assert StreamingSettings.from_additional_config({"streaming_sinks": 4}) == StreamingSettings(4, 1020)
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        ({"streaming_sinks": -1}, "--streaming-sinks must be 0 or more"),
+        ({"streaming_window": 0}, "--streaming-window must be at least 1"),
+        ({"streaming_sinks": "four"}, "--streaming-sinks must be an integer"),
+    ],
+)
+def test_bad_values_are_refused(config, message):
+    with pytest.raises(StreamingConfigError, match=message):
+        StreamingSettings.from_additional_config(config)
+
+
+def engine_config(model, **kwargs):
+    kwargs.setdefault("skip_tokenizer_init", True)
+    return EngineArgs(model=str(model), **kwargs).create_engine_config()
+
+
+@pytest.mark.parametrize(
+    "settings,extra,message",
+    [
+        ({"streaming_sinks": -2}, {}, "must be 0 or more"),
+        ({"streaming_sinks": 4, "streaming_window": 4000}, {}, "past the 2048 positions"),
+        (
+            {"streaming_sinks": 4, "streaming_window": 1000},
+            {"max_num_batched_tokens": 2048},
+            "Lower --max-num-batched-tokens to at most 918",
+        ),
+        ({"streaming_sinks": 40, "streaming_window": 256}, {"block_size": 32}, "sinks .* block size"),
+        ({"streaming_sinks": 4, "streaming_window": 16}, {"block_size": 32}, "at least the KV block size"),
+        ({"streaming_sinks": 4, "streaming_window": 64}, {"kv_cache_dtype": "fp8"}, "quantized KV cache"),
+    ],
+)
+def test_bad_settings_fail_at_start_up(tiny_llama, settings, extra, message):
+    with pytest.raises(StreamingConfigError, match=message):
+        engine_config(tiny_llama, additional_config=settings, **extra)
+
+
+def test_unsupported_models_are_refused(tmp_path):
+    from transformers import GPT2Config, MistralConfig
+
+    sliding = tmp_path / "sliding"
+    MistralConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, sliding_window=64, vocab_size=512).save_pretrained(sliding)
+    with pytest.raises(StreamingConfigError, match="sliding-window layers"):
+        engine_config(sliding, additional_config={"streaming_sinks": 4, "streaming_window": 128})
+    no_rope = tmp_path / "gpt2"
+    GPT2Config(n_embd=128, n_layer=1, n_head=2, vocab_size=512).save_pretrained(no_rope)
+    with pytest.raises(StreamingConfigError, match="no rotary position embedding"):
+        engine_config(no_rope, additional_config={"streaming_sinks": 4, "streaming_window": 128})
+
+
+def test_streaming_settings_shape_the_engine_config(tiny_llama):
+    config = engine_config(
+        tiny_llama, additional_config={"streaming_sinks": 4, "streaming_window": 256},
+        enable_prefix_caching=True,
+    )
+    assert config.parallel_config.worker_cls == "vllm_sink.worker.StreamingCPUWorker"
+    assert config.cache_config.enable_prefix_caching is False
+    assert config.model_config.max_model_len > 2048  # past the model's context
+
+
+def test_streaming_off_leaves_vllm_untouched(tiny_llama):
+    patched = engine_config(tiny_llama)
+    args = EngineArgs(model=str(tiny_llama), skip_tokenizer_init=True)
+    original = EngineArgs.create_engine_config.__wrapped__(args)
+    assert patched.compute_hash() == original.compute_hash()
+    assert patched.parallel_config.worker_cls == original.parallel_config.worker_cls
+    assert patched.model_config.max_model_len == original.model_config.max_model_len == 2048
