@@ -27,7 +27,9 @@ RESULTS = REPO / "benchmarks" / "results"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2", help="'smollm2', 'tiny' or a path")
-    parser.add_argument("--prompt", type=int, default=0, help="prompt tokens (real text for smollm2)")
+    parser.add_argument(
+        "--prompt", type=int, default=0, help="prompt tokens (real text for smollm2)"
+    )
     parser.add_argument("--generate", type=int, default=100_000)
     parser.add_argument("--sinks", type=int, default=4)
     parser.add_argument("--window", type=int, default=1020)
@@ -49,7 +51,11 @@ def main() -> None:
     else:
         from transformers import AutoTokenizer
 
-        model = str(REPO / "models" / "SmolLM2-135M-Instruct") if args.model == "smollm2" else args.model
+        model = (
+            str(REPO / "models" / "SmolLM2-135M-Instruct")
+            if args.model == "smollm2"
+            else args.model
+        )
         tokenizer = AutoTokenizer.from_pretrained(model)
         text = (REPO / "data" / "debian-handbook.txt").read_text()
         ids: list[int] = []
@@ -58,15 +64,20 @@ def main() -> None:
         prompt = ids[: max(args.prompt, 1)]
     total = len(prompt) + args.generate
     llm = LLM(
-        model, dtype="float32", enforce_eager=True, max_num_batched_tokens=args.chunk,
-        max_model_len=max(total + 16, 2048), skip_tokenizer_init=args.model == "tiny",
+        model,
+        dtype="float32",
+        enforce_eager=True,
+        max_num_batched_tokens=args.chunk,
+        max_model_len=max(total + 16, 2048),
+        skip_tokenizer_init=args.model == "tiny",
         additional_config={"streaming_sinks": args.sinks, "streaming_window": args.window},
     )
     engine = llm.llm_engine
     core = engine.engine_core.engine_core
     manager = core.scheduler.kv_cache_manager.coordinator.single_type_managers[0]
-    params = SamplingParams(max_tokens=args.generate, temperature=0.8, seed=0, ignore_eos=True,
-                            detokenize=args.model != "tiny")
+    params = SamplingParams(
+        max_tokens=args.generate, temperature=0.8, ignore_eos=True, detokenize=args.model != "tiny"
+    )
     engine.add_request("stream", {"prompt_token_ids": prompt}, params)
     process = psutil.Process()
     samples, next_sample = [], 0
@@ -74,26 +85,36 @@ def main() -> None:
     with tqdm(total=total, unit="tok", desc="stream") as bar:
         while engine.has_unfinished_requests():
             engine.step()
-            request = core.scheduler.requests.get("stream")
-            if request is None:
+            running = list(core.scheduler.requests.values())  # the one stream
+            if not running:
                 break
+            request = running[0]
             bar.update(request.num_computed_tokens - bar.n)
             if request.num_computed_tokens >= next_sample:
-                samples.append({
-                    "tokens": request.num_computed_tokens,
-                    "kv_blocks": manager.resident_blocks("stream"),
-                    "rss_mb": round(process.memory_info().rss / 2**20, 1),
-                    "seconds": round(time.time() - start, 2),
-                })
+                samples.append(
+                    {
+                        "tokens": request.num_computed_tokens,
+                        "kv_blocks": manager.resident_blocks(request.request_id),
+                        "rss_mb": round(process.memory_info().rss / 2**20, 1),
+                        "seconds": round(time.time() - start, 2),
+                    }
+                )
                 next_sample += args.every
     result = {
         "command": " ".join(sys.argv),
-        "model": args.model, "prompt_tokens": len(prompt), "generated_tokens": args.generate,
-        "sinks": args.sinks, "window": args.window, "block_size": manager.block_size,
-        "chunk": args.chunk, "peak_kv_blocks": manager.peak_resident_blocks,
+        "model": args.model,
+        "prompt_tokens": len(prompt),
+        "generated_tokens": args.generate,
+        "sinks": args.sinks,
+        "window": args.window,
+        "block_size": manager.block_size,
+        "chunk": args.chunk,
+        "peak_kv_blocks": manager.peak_resident_blocks,
         "kv_block_bound": manager.policy.max_resident_blocks,
-        "evicted_blocks": manager.num_evicted_blocks, "wall_seconds": round(time.time() - start, 1),
-        "threads": "VLLM_CPU_OMP_THREADS_BIND=" + os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
+        "evicted_blocks": manager.num_evicted_blocks,
+        "wall_seconds": round(time.time() - start, 1),
+        "threads": "VLLM_CPU_OMP_THREADS_BIND="
+        + os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
         "samples": samples,
     }
     name = args.name or f"long_stream_{args.model}_p{len(prompt)}_g{args.generate}"
@@ -120,8 +141,10 @@ def plot(result: dict, path: Path) -> None:
     right.plot(tokens, [s["rss_mb"] for s in result["samples"]], color="tab:red")
     right.set_ylabel("process RSS (MiB)", color="tab:red")
     right.set_ylim(bottom=0)
-    left.set_title(f"{result['model']}: {result['sinks']} sinks + {result['window']} window, "
-                   f"{result['block_size']}-token blocks")
+    left.set_title(
+        f"{result['model']}: {result['sinks']} sinks + {result['window']} window, "
+        f"{result['block_size']}-token blocks"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

@@ -47,34 +47,42 @@ def main() -> None:
         additional_config={"streaming_sinks": args.sinks, "streaming_window": args.window},
     )
     engine = llm.llm_engine
-    manager = engine.engine_core.engine_core.scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    manager = (
+        engine.engine_core.engine_core.scheduler.kv_cache_manager.coordinator.single_type_managers[
+            0
+        ]
+    )
     block = manager.block_size
     print(
         f"\nprompt: {len(prompt)} tokens of {Path(args.text).name} "
         f"(model context: 8192); cache: {args.sinks} sinks + {args.window} window, "
         f"{block}-token blocks; a dense cache would need {-(-len(prompt) // block)} blocks\n"
     )
-    params = SamplingParams(max_tokens=args.generate, temperature=0.7, top_p=0.9, seed=0,
-                            repetition_penalty=1.1)
+    params = SamplingParams(
+        max_tokens=args.generate, temperature=0.7, top_p=0.9, repetition_penalty=1.1
+    )
     engine.add_request("demo", {"prompt_token_ids": prompt}, params)
     start, step, last, output = time.time(), 0, 0.0, None
     while engine.has_unfinished_requests():
         for out in engine.step():
             output = out
         step += 1
-        scheduler_request = engine.engine_core.engine_core.scheduler.requests.get("demo")
-        if scheduler_request is not None and (time.time() - last > 5 or step == 1):
+        # vLLM gives the request an internal id: "demo-<suffix>".
+        running = list(engine.engine_core.engine_core.scheduler.requests.values())
+        if running and (time.time() - last > 5 or step == 1):
             last = time.time()
             print(
-                f"[{last - start:6.1f}s] stream at {scheduler_request.num_computed_tokens:6d} "
-                f"tokens: holding {manager.resident_blocks('demo'):3d} KV blocks, "
+                f"[{last - start:6.1f}s] stream at {running[0].num_computed_tokens:6d} "
+                f"tokens: holding {manager.resident_blocks(running[0].request_id):3d} KV blocks, "
                 f"{manager.num_evicted_blocks:4d} evicted so far",
                 flush=True,
             )
     elapsed = time.time() - start
     total = len(prompt) + len(output.outputs[0].token_ids)
-    print(f"\nstreamed {total} tokens in {elapsed:.0f}s; most blocks held at once: "
-          f"{manager.peak_resident_blocks}\n")
+    print(
+        f"\nstreamed {total} tokens in {elapsed:.0f}s; most blocks held at once: "
+        f"{manager.peak_resident_blocks}\n"
+    )
     print("…" + tokenizer.decode(prompt[-60:]))
     print(">>> continuation:")
     print(output.outputs[0].text)

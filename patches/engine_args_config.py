@@ -48,7 +48,8 @@ def apply() -> None:
             # range: derive the config again with chunks that fit.
             engine_setup.logger.info(
                 "vllm-sink: prefill chunks limited to %d tokens to keep RoPE positions "
-                "within the model's range", chunk,
+                "within the model's range",
+                chunk,
             )
             self.max_num_batched_tokens = chunk
             self.max_num_seqs = min(config.scheduler_config.max_num_seqs, chunk)

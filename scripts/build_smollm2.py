@@ -49,7 +49,9 @@ def find_gguf() -> Path:
     if not candidates:
         try:
             dist = importlib.metadata.distribution(DIST)
-            candidates = [Path(str(dist.locate_file(f))) for f in dist.files or [] if str(f).endswith(".gguf")]
+            candidates = [
+                Path(str(dist.locate_file(f))) for f in dist.files or [] if str(f).endswith(".gguf")
+            ]
         except importlib.metadata.PackageNotFoundError:
             pass
     if not candidates:
@@ -70,7 +72,9 @@ def gguf_metadata(path: Path) -> dict[str, object]:
         "vocab_size": f"{arch}.vocab_size",
         "chat_template": "tokenizer.chat_template",
     }
-    meta: dict[str, object] = {k: reader.fields[v].contents() if v in reader.fields else None for k, v in keys.items()}
+    meta: dict[str, object] = {
+        k: reader.fields[v].contents() if v in reader.fields else None for k, v in keys.items()
+    }
     names = {t.name for t in reader.tensors}
     # No separate output projection in the file => lm_head shares the token embedding.
     meta["tie_word_embeddings"] = "output.weight" not in names
@@ -96,7 +100,9 @@ def build(gguf: Path, tmp: Path, meta: dict[str, object]) -> None:
         else:
             sys.exit("error: tokenizer has no chat template and the GGUF carries none")
     tokenizer.model_max_length = int(meta["context_length"])  # type: ignore[call-overload]
-    print(f"tokenizer loaded ({len(tokenizer)} tokens, chat template: yes) in {time.perf_counter() - t0:.1f}s")
+    print(
+        f"tokenizer loaded ({len(tokenizer)} tokens, chat template: yes) in {time.perf_counter() - t0:.1f}s"
+    )
 
     kwargs: dict[str, object] = {}
     try:  # transformers 5 keeps GGUF weights packed unless told to dequantize; we need dense weights.
@@ -107,12 +113,16 @@ def build(gguf: Path, tmp: Path, meta: dict[str, object]) -> None:
         pass
     t0 = time.perf_counter()
     # `dtype` is the transformers-5 name of `torch_dtype` (the old name is deprecated).
-    model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.bfloat16, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        src_dir, gguf_file=name, dtype=torch.bfloat16, **kwargs
+    )
     print(f"model dequantized to bfloat16 in {time.perf_counter() - t0:.1f}s")
 
     for pname, param in model.named_parameters():
         if param.dtype != torch.bfloat16:
-            sys.exit(f"error: parameter {pname} is {param.dtype}, expected dense bfloat16 (still packed?)")
+            sys.exit(
+                f"error: parameter {pname} is {param.dtype}, expected dense bfloat16 (still packed?)"
+            )
 
     # Make it a plain, non-quantized model so save_pretrained writes dense safetensors.
     model.hf_quantizer = None
@@ -125,7 +135,9 @@ def build(gguf: Path, tmp: Path, meta: dict[str, object]) -> None:
     fix_config(tmp / "config.json")
 
     if not (tmp / "model.safetensors").is_file():
-        sys.exit(f"error: save_pretrained wrote no model.safetensors: {sorted(p.name for p in tmp.iterdir())}")
+        sys.exit(
+            f"error: save_pretrained wrote no model.safetensors: {sorted(p.name for p in tmp.iterdir())}"
+        )
 
 
 def fix_config(path: Path) -> None:
@@ -152,7 +164,9 @@ def main(argv: list[str]) -> int:
         print(f"reusing existing checkpoint at {out}")
         return 0
     if out.exists():
-        sys.exit(f"error: {out} exists but is not a complete checkpoint (no {MARKER}); remove it first")
+        sys.exit(
+            f"error: {out} exists but is not a complete checkpoint (no {MARKER}); remove it first"
+        )
 
     start = time.perf_counter()
     gguf = find_gguf()
@@ -164,8 +178,13 @@ def main(argv: list[str]) -> int:
         f"tie_word_embeddings={meta['tie_word_embeddings']} chat_template={'yes' if meta['chat_template'] else 'no'} "
         f"tensor types={','.join(meta['tensor_types'])}"  # type: ignore[arg-type]
     )
-    if meta["context_length"] != EXPECTED["max_position_embeddings"] or meta["rope_theta"] != EXPECTED["rope_theta"]:
-        sys.exit("error: GGUF metadata differs from SmolLM2-135M-Instruct's expected context length / rope theta")
+    if (
+        meta["context_length"] != EXPECTED["max_position_embeddings"]
+        or meta["rope_theta"] != EXPECTED["rope_theta"]
+    ):
+        sys.exit(
+            "error: GGUF metadata differs from SmolLM2-135M-Instruct's expected context length / rope theta"
+        )
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

@@ -22,11 +22,27 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "data" / "debian-handbook.txt"
-TOKENIZER_DIR = REPO_ROOT / "models" / "SmolLM2-135M-Instruct"  # written by scripts/build_smollm2.py
+TOKENIZER_DIR = (
+    REPO_ROOT / "models" / "SmolLM2-135M-Instruct"
+)  # written by scripts/build_smollm2.py
 PACKAGE = "debian-handbook"
 BOOK_TITLE = "The Debian Administrator's Handbook"
 
-VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param", "source", "wbr"}
+VOID = {
+    "area",
+    "base",
+    "br",
+    "col",
+    "embed",
+    "hr",
+    "img",
+    "input",
+    "link",
+    "meta",
+    "param",
+    "source",
+    "wbr",
+}
 BLOCK = {
     "address", "blockquote", "body", "dd", "div", "dl", "dt", "h1", "h2", "h3", "h4", "h5", "h6",
     "li", "ol", "p", "pre", "table", "tbody", "td", "th", "thead", "tr", "ul",
@@ -141,7 +157,9 @@ def download_deb(workdir: Path) -> Path:
     """`apt-get download` the package into workdir; one `apt-get update` and retry on failure."""
     proc = run(["apt-get", "download", PACKAGE], workdir)
     if proc.returncode != 0:
-        print(f"apt-get download failed ({proc.stderr.strip().splitlines()[-1:]}); running apt-get update once")
+        print(
+            f"apt-get download failed ({proc.stderr.strip().splitlines()[-1:]}); running apt-get update once"
+        )
         upd = run(["apt-get", "update"], workdir)
         if upd.returncode != 0:
             sys.exit(f"error: apt-get update failed:\n{upd.stderr}")
@@ -185,7 +203,9 @@ def build_text() -> str:
 
 def count_tokens(text: str) -> int | None:
     if not (TOKENIZER_DIR / "tokenizer.json").is_file():
-        print(f"(no tokenizer at {TOKENIZER_DIR}; run scripts/build_smollm2.py to get a token count)")
+        print(
+            f"(no tokenizer at {TOKENIZER_DIR}; run scripts/build_smollm2.py to get a token count)"
+        )
         return None
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from transformers import AutoTokenizer
@@ -210,7 +230,9 @@ def main(argv: list[str]) -> int:
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    print(f"wrote {out}: {len(text):,} characters, {len(text.encode()):,} bytes in {time.perf_counter() - start:.1f}s")
+    print(
+        f"wrote {out}: {len(text):,} characters, {len(text.encode()):,} bytes in {time.perf_counter() - start:.1f}s"
+    )
     tokens = count_tokens(text)
     if tokens is not None:
         print(f"SmolLM2 tokens: {tokens:,}")

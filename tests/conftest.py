@@ -14,7 +14,6 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 import pytest  # noqa: E402
-
 from tiny_llama import build_tiny_llama  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

@@ -11,9 +11,8 @@ import random
 
 import pytest
 import torch
-from vllm import SamplingParams
-
 from reference import StreamingLlamaReference, window_starts
+from vllm import SamplingParams
 
 pytestmark = pytest.mark.engine
 
@@ -29,17 +28,29 @@ def random_prompt(length: int, seed: int, vocab: int = 500) -> list[int]:
     return [rng.randrange(3, vocab) for _ in range(length)]
 
 
-def run(llm, prompt: list[int], max_tokens: int):
-    """Greedy generation with the logprob of every prompt and generated token."""
-    params = SamplingParams(
-        max_tokens=max_tokens, temperature=0, logprobs=0, prompt_logprobs=0,
-        ignore_eos=True, detokenize=False,
+def greedy(max_tokens: int) -> SamplingParams:
+    """Greedy decoding that reports the logprob of every prompt and output token."""
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=0,
+        logprobs=0,
+        prompt_logprobs=0,
+        ignore_eos=True,
+        detokenize=False,
     )
-    out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+
+
+def tokens_and_logprobs(out, prompt: list[int]) -> tuple[list[int], torch.Tensor]:
+    """Generated tokens, and the logprobs of all tokens after the first."""
     generated = list(out.outputs[0].token_ids)
     logprobs = [d[t].logprob for d, t in zip(out.prompt_logprobs[1:], prompt[1:])]
     logprobs += [d[t].logprob for d, t in zip(out.outputs[0].logprobs, generated)]
     return generated, torch.tensor(logprobs)
+
+
+def run(llm, prompt: list[int], max_tokens: int) -> tuple[list[int], torch.Tensor]:
+    out = llm.generate([{"prompt_token_ids": prompt}], greedy(max_tokens), use_tqdm=False)[0]
+    return tokens_and_logprobs(out, prompt)
 
 
 def reference_logprobs(ref, tokens, sinks, window, block, prompt_len, chunk) -> torch.Tensor:
@@ -54,7 +65,9 @@ def kv_manager(llm):
 
 
 def test_before_first_eviction_streaming_changes_nothing(tiny_llama, engine_factory):
-    common = dict(dtype="float32", block_size=32, max_num_batched_tokens=64, skip_tokenizer_init=True)
+    common = dict(
+        dtype="float32", block_size=32, max_num_batched_tokens=64, skip_tokenizer_init=True
+    )
     prompt = random_prompt(150, seed=1)  # 150 prompt + 100 generated < 4 sinks + 256 window
     dense_tokens, dense_lp = run(engine_factory(tiny_llama, **common), prompt, 100)
     stream = engine_factory(tiny_llama, **common, **streaming(4, 256))
@@ -65,11 +78,19 @@ def test_before_first_eviction_streaming_changes_nothing(tiny_llama, engine_fact
 
 
 @pytest.mark.parametrize("block,window,chunk", [(32, 64, 96), (128, 128, 256)])
-def test_tiny_llama_matches_reference_through_evictions(tiny_llama, engine_factory, block, window, chunk):
+def test_tiny_llama_matches_reference_through_evictions(
+    tiny_llama, engine_factory, block, window, chunk
+):
     """Prompt streaming (evictions between prefill chunks), then decode streaming."""
     sinks, prompt_len, max_tokens = 4, 700, 300
-    llm = engine_factory(tiny_llama, dtype="float32", block_size=block, max_num_batched_tokens=chunk,
-                         skip_tokenizer_init=True, **streaming(sinks, window))
+    llm = engine_factory(
+        tiny_llama,
+        dtype="float32",
+        block_size=block,
+        max_num_batched_tokens=chunk,
+        skip_tokenizer_init=True,
+        **streaming(sinks, window),
+    )
     prompt = random_prompt(prompt_len, seed=2)
     generated, logprobs = run(llm, prompt, max_tokens)
     ref = StreamingLlamaReference(tiny_llama)
@@ -90,8 +111,13 @@ def test_smollm2_matches_reference_through_evictions(
     smollm2, handbook_tokens, engine_factory, block, dtype, tolerance
 ):
     sinks, window, chunk, prompt_len, max_tokens = 4, 252, 128, 600, 150
-    llm = engine_factory(smollm2, dtype=dtype, block_size=block, max_num_batched_tokens=chunk,
-                         **streaming(sinks, window))
+    llm = engine_factory(
+        smollm2,
+        dtype=dtype,
+        block_size=block,
+        max_num_batched_tokens=chunk,
+        **streaming(sinks, window),
+    )
     prompt = handbook_tokens[:prompt_len]
     generated, logprobs = run(llm, prompt, max_tokens)
     tokens = prompt + generated
@@ -108,8 +134,14 @@ def test_smollm2_matches_reference_through_evictions(
 
 def test_block_accounting_over_a_20k_token_stream(tiny_llama, engine_factory):
     sinks, window, block, chunk = 4, 64, 32, 256
-    llm = engine_factory(tiny_llama, dtype="float32", block_size=block, max_num_batched_tokens=chunk,
-                         skip_tokenizer_init=True, **streaming(sinks, window))
+    llm = engine_factory(
+        tiny_llama,
+        dtype="float32",
+        block_size=block,
+        max_num_batched_tokens=chunk,
+        skip_tokenizer_init=True,
+        **streaming(sinks, window),
+    )
     manager = kv_manager(llm)
     pool = manager.block_pool
     free_at_start = pool.get_num_free_blocks()
@@ -141,32 +173,32 @@ def test_concurrent_streams_are_isolated(tiny_llama, engine_factory):
     to others: any difference left would be one stream seeing another's KV.
     """
     sinks, window, block = 4, 64, 32
-    llm = engine_factory(tiny_llama, dtype="float32", block_size=block, max_num_batched_tokens=1024,
-                         skip_tokenizer_init=True, **streaming(sinks, window))
+    llm = engine_factory(
+        tiny_llama,
+        dtype="float32",
+        block_size=block,
+        max_num_batched_tokens=1024,
+        skip_tokenizer_init=True,
+        **streaming(sinks, window),
+    )
     lengths = [37, 150, 290, 512, 700, 64, 999, 5]
     max_tokens = [300, 50, 200, 120, 80, 260, 30, 150]
     prompts = [random_prompt(n, seed=10 + i) for i, n in enumerate(lengths)]
     alone = [run(llm, p, m) for p, m in zip(prompts, max_tokens)]
 
     engine = llm.llm_engine
-    params = lambda m: SamplingParams(  # noqa: E731
-        max_tokens=m, temperature=0, logprobs=0, prompt_logprobs=0, ignore_eos=True, detokenize=False
-    )
     outputs, step = {}, 0
     pending = list(range(len(prompts)))
     while pending or engine.has_unfinished_requests():
         if pending and step % 7 == 0:  # a new stream joins every 7 steps
             i = pending.pop(0)
-            engine.add_request(str(i), {"prompt_token_ids": prompts[i]}, params(max_tokens[i]))
+            engine.add_request(str(i), {"prompt_token_ids": prompts[i]}, greedy(max_tokens[i]))
         for out in engine.step():
             if out.finished:
                 outputs[int(out.request_id)] = out
         step += 1
     assert kv_manager(llm).num_evicted_blocks > 0
     for i, (tokens_alone, logprobs_alone) in enumerate(alone):
-        out = outputs[i]
-        tokens = list(out.outputs[0].token_ids)
-        logprobs = [d[t].logprob for d, t in zip(out.prompt_logprobs[1:], prompts[i][1:])]
-        logprobs += [d[t].logprob for d, t in zip(out.outputs[0].logprobs, tokens)]
+        tokens, logprobs = tokens_and_logprobs(outputs[i], prompts[i])
         assert tokens == tokens_alone, f"stream {i}"
-        assert (torch.tensor(logprobs) - logprobs_alone).abs().max() < 1e-4, f"stream {i}"
+        assert (logprobs - logprobs_alone).abs().max() < 1e-4, f"stream {i}"

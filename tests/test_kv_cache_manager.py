@@ -13,7 +13,9 @@ from vllm_sink.kv_cache import StreamingSinkManager, StreamingSinkSpec
 from vllm_sink.policy import SinkWindowPolicy
 
 
-def make_manager(policy: SinkWindowPolicy, num_blocks: int) -> tuple[StreamingSinkManager, BlockPool]:
+def make_manager(
+    policy: SinkWindowPolicy, num_blocks: int
+) -> tuple[StreamingSinkManager, BlockPool]:
     base = FullAttentionSpec(
         block_size=policy.block_size, num_kv_heads=2, head_size=64, dtype=torch.float32
     )
@@ -32,7 +34,9 @@ def make_manager(policy: SinkWindowPolicy, num_blocks: int) -> tuple[StreamingSi
 def step(manager: StreamingSinkManager, req: str, computed: int, new: int) -> None:
     """What KVCacheManager.allocate_slots does for a running request."""
     manager.remove_skipped_blocks(req, computed)
-    need = manager.get_num_blocks_to_allocate(req, computed + new, [], computed, computed, computed + new)
+    need = manager.get_num_blocks_to_allocate(
+        req, computed + new, [], computed, computed, computed + new
+    )
     assert need <= manager.block_pool.get_num_free_blocks()
     manager.allocate_new_blocks(req, computed + new, computed + new)
 
@@ -89,5 +93,7 @@ def test_admission_needs_only_the_bound():
     """A prompt far longer than the pool is admitted once one stream's bound fits."""
     policy = SinkWindowPolicy(sinks=4, window=64, block_size=32, max_chunk_tokens=64)
     manager, _ = make_manager(policy, num_blocks=policy.max_resident_blocks + 1)
-    need = manager.get_num_blocks_to_allocate("r", 50_000, [], 0, 0, 50_000, apply_admission_cap=True)
+    need = manager.get_num_blocks_to_allocate(
+        "r", 50_000, [], 0, 0, 50_000, apply_admission_cap=True
+    )
     assert need == policy.max_resident_blocks

@@ -33,19 +33,35 @@ def test_sinks_keep_perplexity_close_to_dense(smollm2, handbook_tokens, engine_f
     assert len(tokens) == STREAM
     common = dict(dtype="float32", max_num_batched_tokens=1024)
     dense = prompt_nll(engine_factory(smollm2, max_model_len=4096, **common), tokens[:4095])
-    sinks4 = prompt_nll(engine_factory(smollm2, **common, additional_config={
-        "streaming_sinks": 4, "streaming_window": 1020}), tokens)
-    window_only = prompt_nll(engine_factory(smollm2, **common, additional_config={
-        "streaming_sinks": 0, "streaming_window": 1024}), tokens)
+    sinks4 = prompt_nll(
+        engine_factory(
+            smollm2, **common, additional_config={"streaming_sinks": 4, "streaming_window": 1020}
+        ),
+        tokens,
+    )
+    window_only = prompt_nll(
+        engine_factory(
+            smollm2, **common, additional_config={"streaming_sinks": 0, "streaming_window": 1024}
+        ),
+        tokens,
+    )
 
     # Before any eviction all three are the same computation.
     assert perplexity(sinks4[:1000]) == pytest.approx(perplexity(dense[:1000]), rel=1e-3)
     assert perplexity(window_only[:1000]) == pytest.approx(perplexity(dense[:1000]), rel=1e-3)
-    ppl = {name: perplexity(nll[COMPARE]) for name, nll in
-           [("dense", dense), ("sinks4", sinks4), ("window_only", window_only)]}
+    ppl = {
+        name: perplexity(nll[COMPARE])
+        for name, nll in [("dense", dense), ("sinks4", sinks4), ("window_only", window_only)]
+    }
     print("perplexity over tokens 1024-4095:", ppl)
-    print("streaming over all", STREAM, "tokens: sinks4", perplexity(sinks4),
-          "window_only", perplexity(window_only))
+    print(
+        "streaming over all",
+        STREAM,
+        "tokens: sinks4",
+        perplexity(sinks4),
+        "window_only",
+        perplexity(window_only),
+    )
     assert ppl["sinks4"] < 1.05 * ppl["dense"]
     assert ppl["window_only"] > 1.3 * ppl["sinks4"]
     assert perplexity(window_only) > 1.3 * perplexity(sinks4)

@@ -23,11 +23,14 @@ def simulate(policy: SinkWindowPolicy, steps: list[int]):
         n += q
 
 
-@pytest.mark.parametrize("sinks,window,block,chunk", [(4, 64, 32, 1), (4, 64, 32, 100), (0, 128, 128, 37), (4, 1020, 128, 512), (32, 32, 32, 7)])
+@pytest.mark.parametrize(
+    "sinks,window,block,chunk",
+    [(4, 64, 32, 1), (4, 64, 32, 100), (0, 128, 128, 37), (4, 1020, 128, 512), (32, 32, 32, 7)],
+)
 def test_every_query_sees_sinks_plus_contiguous_window(sinks, window, block, chunk):
     policy = SinkWindowPolicy(sinks, window, block, max_chunk_tokens=chunk)
     steps = [chunk] * 40 + [1] * 300
-    for n, p, shift, attended in simulate(policy, steps):
+    for _, p, shift, attended in simulate(policy, steps):
         sink_part = [a for a in attended if a < sinks]
         recent = [a for a in attended if a >= sinks]
         assert sink_part == list(range(min(sinks, p + 1)))
@@ -41,7 +44,9 @@ def test_every_query_sees_sinks_plus_contiguous_window(sinks, window, block, chu
         assert p - shift <= policy.max_position
 
 
-@pytest.mark.parametrize("sinks,window,block,chunk", [(4, 64, 32, 64), (4, 1020, 128, 2048), (0, 256, 32, 1)])
+@pytest.mark.parametrize(
+    "sinks,window,block,chunk", [(4, 64, 32, 64), (4, 1020, 128, 2048), (0, 256, 32, 1)]
+)
 def test_resident_blocks_bound(sinks, window, block, chunk):
     """Blocks a stream holds (head + held + window) never exceed the stated bound."""
     policy = SinkWindowPolicy(sinks, window, block, max_chunk_tokens=chunk)

@@ -9,7 +9,7 @@ from vllm.config import VllmConfig, set_current_vllm_config
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-from vllm_sink.cpu_kv_layout import PageLayout, PagedKV
+from vllm_sink.cpu_kv_layout import PagedKV, PageLayout
 from vllm_sink.rerotation import RopeDeltas
 
 
@@ -19,16 +19,27 @@ from vllm_sink.rerotation import RopeDeltas
         ({"rope_type": "default", "rope_theta": 100000.0}, True),
         ({"rope_type": "default", "rope_theta": 10000.0}, False),
         (
-            {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-             "high_freq_factor": 4.0, "original_max_position_embeddings": 1024},
+            {
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 1024,
+            },
             True,
         ),
     ],
 )
 def test_rotating_back_equals_rope_at_the_earlier_position(rope_parameters, neox):
     with set_current_vllm_config(VllmConfig()):
-        rope = get_rope(64, max_position=8192, rope_parameters=rope_parameters,
-                        is_neox_style=neox, dtype=torch.float32)
+        rope = get_rope(
+            64,
+            max_position=8192,
+            rope_parameters=rope_parameters,
+            is_neox_style=neox,
+            dtype=torch.float32,
+        )
     deltas = RopeDeltas.from_rotary_module(rope)
     torch.manual_seed(0)
     keys = torch.randn(6, 3 * 64)
@@ -53,10 +64,22 @@ def test_probed_layout_finds_every_written_key_and_value(dtype, block_size):
     slots = torch.tensor([block_size + 3, 2 * block_size, 4 * block_size + block_size - 1])
     key = torch.randn(3, heads, head_size).to(dtype)
     value = torch.randn(3, heads, head_size).to(dtype)
-    ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa,
-                                   k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+    ops.cpu_attn_reshape_and_cache(
+        key,
+        value,
+        key_cache,
+        value_cache,
+        slots,
+        isa,
+        k_scale=1.0,
+        v_scale=1.0,
+        kv_cache_dtype="auto",
+    )
     paged = PagedKV(kv, layout)
     for i, slot in enumerate(slots.tolist()):
-        block, offset = torch.tensor([slot // block_size]), slice(slot % block_size, slot % block_size + 1)
+        block, offset = (
+            torch.tensor([slot // block_size]),
+            slice(slot % block_size, slot % block_size + 1),
+        )
         assert torch.equal(paged.flat[paged.key_index(block, offset)][0, :, 0], key[i])
         assert torch.equal(paged.flat[paged.value_index(block, offset)][0, :, 0], value[i])

@@ -29,7 +29,10 @@ def test_flags_merge_with_other_additional_config():
     _, args = parse_serve_args(
         ["--streaming-sinks", "0", "--additional-config", json.dumps({"other": 1})]
     )
-    assert AsyncEngineArgs.from_cli_args(args).additional_config == {"other": 1, "streaming_sinks": 0}
+    assert AsyncEngineArgs.from_cli_args(args).additional_config == {
+        "other": 1,
+        "streaming_sinks": 0,
+    }
 
 
 def test_no_flags_no_streaming():
@@ -39,7 +42,9 @@ def test_no_flags_no_streaming():
 
 
 def test_sinks_alone_turn_streaming_on_with_default_window():
-    assert StreamingSettings.from_additional_config({"streaming_sinks": 4}) == StreamingSettings(4, 1020)
+    assert StreamingSettings.from_additional_config({"streaming_sinks": 4}) == StreamingSettings(
+        4, 1020
+    )
 
 
 @pytest.mark.parametrize(
@@ -70,9 +75,21 @@ def engine_config(model, **kwargs):
             {"max_num_batched_tokens": 2048},
             "Lower --max-num-batched-tokens to at most 918",
         ),
-        ({"streaming_sinks": 40, "streaming_window": 256}, {"block_size": 32}, "sinks .* block size"),
-        ({"streaming_sinks": 4, "streaming_window": 16}, {"block_size": 32}, "at least the KV block size"),
-        ({"streaming_sinks": 4, "streaming_window": 64}, {"kv_cache_dtype": "fp8"}, "quantized KV cache"),
+        (
+            {"streaming_sinks": 40, "streaming_window": 256},
+            {"block_size": 32},
+            "sinks .* block size",
+        ),
+        (
+            {"streaming_sinks": 4, "streaming_window": 16},
+            {"block_size": 32},
+            "at least the KV block size",
+        ),
+        (
+            {"streaming_sinks": 4, "streaming_window": 64},
+            {"kv_cache_dtype": "fp8"},
+            "quantized KV cache",
+        ),
     ],
 )
 def test_bad_settings_fail_at_start_up(tiny_llama, settings, extra, message):
@@ -84,8 +101,15 @@ def test_unsupported_models_are_refused(tmp_path):
     from transformers import GPT2Config, MistralConfig
 
     sliding = tmp_path / "sliding"
-    MistralConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
-                  num_key_value_heads=2, sliding_window=64, vocab_size=512).save_pretrained(sliding)
+    MistralConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=64,
+        vocab_size=512,
+    ).save_pretrained(sliding)
     with pytest.raises(StreamingConfigError, match="sliding-window layers"):
         engine_config(sliding, additional_config={"streaming_sinks": 4, "streaming_window": 128})
     no_rope = tmp_path / "gpt2"
@@ -96,7 +120,8 @@ def test_unsupported_models_are_refused(tmp_path):
 
 def test_streaming_settings_shape_the_engine_config(tiny_llama):
     config = engine_config(
-        tiny_llama, additional_config={"streaming_sinks": 4, "streaming_window": 256},
+        tiny_llama,
+        additional_config={"streaming_sinks": 4, "streaming_window": 256},
         enable_prefix_caching=True,
     )
     assert config.parallel_config.worker_cls == "vllm_sink.worker.StreamingCPUWorker"
@@ -111,3 +136,18 @@ def test_streaming_off_leaves_vllm_untouched(tiny_llama):
     assert patched.compute_hash() == original.compute_hash()
     assert patched.parallel_config.worker_cls == original.parallel_config.worker_cls
     assert patched.model_config.max_model_len == original.model_config.max_model_len == 2048
+
+
+def test_plugin_import_is_light_and_registration_idempotent():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, vllm_sink; assert 'vllm' not in sys.modules, 'imports vLLM';"
+        "vllm_sink.register(); vllm_sink.register();"
+        "from vllm.engine.arg_utils import EngineArgs;"
+        "from vllm.utils.argparse_utils import FlexibleArgumentParser;"
+        "help = EngineArgs.add_cli_args(FlexibleArgumentParser()).format_help();"
+        "assert help.count('--streaming-sinks') == 1, help"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

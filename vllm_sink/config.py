@@ -52,9 +52,7 @@ class StreamingSettings:
         if SINKS_KEY not in additional_config and WINDOW_KEY not in additional_config:
             return None
         sinks = _as_int(additional_config.get(SINKS_KEY, DEFAULT_SINKS), "--streaming-sinks")
-        window = _as_int(
-            additional_config.get(WINDOW_KEY, DEFAULT_WINDOW), "--streaming-window"
-        )
+        window = _as_int(additional_config.get(WINDOW_KEY, DEFAULT_WINDOW), "--streaming-window")
         if sinks < 0:
             raise StreamingConfigError(
                 f"--streaming-sinks must be 0 or more (got {sinks}); the paper uses 4"

@@ -72,7 +72,7 @@ class PagedKV:
     """Gather and scatter keys/values of whole slots across one layer's cache."""
 
     def __init__(self, kv_cache: torch.Tensor, layout: PageLayout) -> None:
-        num_blocks, self.num_heads = kv_cache.shape[0], kv_cache.shape[1]
+        self.num_heads = kv_cache.shape[1]
         self.flat = kv_cache.view(-1)
         self.layout = layout
         heads = torch.arange(self.num_heads, dtype=torch.int64) * layout.page_elems

@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING
 
 from vllm.logger import init_logger
 
-from vllm_sink.policy import SinkWindowPolicy
 from vllm_sink.config import (
     DEFAULT_MAX_STREAM_LEN,
     StreamingConfigError,
     StreamingSettings,
     policy_from_vllm_config,
 )
+from vllm_sink.policy import SinkWindowPolicy
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -116,7 +116,9 @@ def streaming_policy(config: VllmConfig) -> SinkWindowPolicy:
 def trained_positions(config: VllmConfig) -> int:
     """Positions the model's RoPE table covers (the most a stream may use)."""
     text_config = config.model_config.hf_text_config
-    return int(getattr(text_config, "max_position_embeddings", 0) or config.model_config.max_model_len)
+    return int(
+        getattr(text_config, "max_position_embeddings", 0) or config.model_config.max_model_len
+    )
 
 
 def fitting_chunk_size(config: VllmConfig) -> int | None:
@@ -163,7 +165,11 @@ def check_engine_config(config: VllmConfig) -> None:
     if policy.max_position >= trained:
         max_window = trained - (policy.max_position + 1 - policy.window)
         max_chunk = trained - (policy.max_position + 1 - policy.max_chunk_tokens)
-        fixes = [f"--streaming-window to at most {max_window}"] if max_window >= policy.block_size else []
+        fixes = (
+            [f"--streaming-window to at most {max_window}"]
+            if max_window >= policy.block_size
+            else []
+        )
         if max_chunk >= policy.block_size:
             fixes.append(f"--max-num-batched-tokens to at most {max_chunk}")
         raise StreamingConfigError(
@@ -179,7 +185,13 @@ def check_engine_config(config: VllmConfig) -> None:
         "decoding, %d with %d-token prefill chunks), block size %d, at most %d KV "
         "blocks per stream, RoPE positions < %d; streams may reach %d tokens "
         "(--max-model-len)",
-        policy.sinks, policy.window, policy.max_decode_window_slack,
-        policy.max_window_slack, policy.max_chunk_tokens, policy.block_size,
-        policy.max_resident_blocks, policy.max_position + 1, model.max_model_len,
+        policy.sinks,
+        policy.window,
+        policy.max_decode_window_slack,
+        policy.max_window_slack,
+        policy.max_chunk_tokens,
+        policy.block_size,
+        policy.max_resident_blocks,
+        policy.max_position + 1,
+        model.max_model_len,
     )

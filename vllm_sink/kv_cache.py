@@ -106,9 +106,7 @@ class StreamingSinkManager(SingleTypeKVCacheManager):
         self, request_id: str, num_tokens: int, num_tokens_main_model: int
     ) -> list[KVCacheBlock]:
         new_blocks = super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
-        self.peak_resident_blocks = max(
-            self.peak_resident_blocks, self.resident_blocks(request_id)
-        )
+        self.peak_resident_blocks = max(self.peak_resident_blocks, self.resident_blocks(request_id))
         return new_blocks
 
     def free(self, request_id: str) -> None:

@@ -25,12 +25,12 @@ from vllm.model_executor.layers.attention import Attention
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 
 from vllm_sink.attention import streaming_backend
-from vllm_sink.cpu_kv_layout import PageLayout, PagedKV
+from vllm_sink.config import policy_from_vllm_config
+from vllm_sink.cpu_kv_layout import PagedKV, PageLayout
 from vllm_sink.eviction import EvictionPlan, apply_eviction_plan
 from vllm_sink.kv_cache import StreamingSinkSpec
 from vllm_sink.policy import SinkWindowPolicy
 from vllm_sink.rerotation import RopeDeltas
-from vllm_sink.config import policy_from_vllm_config
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -42,7 +42,9 @@ class UnsupportedModelError(RuntimeError):
     pass
 
 
-def find_rotary_modules(model: torch.nn.Module, layer_names: set[str]) -> dict[str, torch.nn.Module]:
+def find_rotary_modules(
+    model: torch.nn.Module, layer_names: set[str]
+) -> dict[str, torch.nn.Module]:
     """Map each attention layer to the rotary module its parent applies to K.
 
     vLLM's decoder layers keep ``rotary_emb`` next to ``attn`` on the same
@@ -75,11 +77,19 @@ class StreamingModelRunnerMixin:
         policy = self.streaming_policy
         converted: dict[str, KVCacheSpec] = {}
         for name, spec in specs.items():
-            if type(spec) is not FullAttentionSpec or spec.sliding_window or spec.attention_chunk_size:
+            if (
+                type(spec) is not FullAttentionSpec
+                or spec.sliding_window
+                or spec.attention_chunk_size
+            ):
                 raise UnsupportedModelError(
                     f"vllm-sink supports models whose every layer is plain full "
                     f"attention; layer {name} has {type(spec).__name__}"
-                    + (f" with sliding_window={spec.sliding_window}" if getattr(spec, "sliding_window", None) else "")
+                    + (
+                        f" with sliding_window={spec.sliding_window}"
+                        if getattr(spec, "sliding_window", None)
+                        else ""
+                    )
                 )
             converted[name] = StreamingSinkSpec.from_full_attention(spec, policy)
         return converted

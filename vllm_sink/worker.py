@@ -16,8 +16,7 @@ class StreamingCPUWorker(CPUWorker):
     def init_device(self) -> None:
         if self.use_v2_model_runner:
             raise RuntimeError(
-                "vllm-sink supports vLLM's V1 model runner only; unset "
-                "VLLM_USE_V2_MODEL_RUNNER"
+                "vllm-sink supports vLLM's V1 model runner only; unset VLLM_USE_V2_MODEL_RUNNER"
             )
         super().init_device()
         # CPUWorker builds its runner inline (no factory hook like the GPU
