@@ -136,11 +136,13 @@ def plot(result: dict, path: Path) -> None:
     left.axhline(result["kv_block_bound"], color="tab:blue", linestyle=":", label="bound")
     left.set_xlabel("tokens in the stream")
     left.set_ylabel("KV blocks held", color="tab:blue")
-    left.set_ylim(bottom=0)
+    left.set_ylim(0, 1.25 * result["kv_block_bound"])
+    left.legend(loc="lower right")
     right = left.twinx()
-    right.plot(tokens, [s["rss_mb"] for s in result["samples"]], color="tab:red")
+    rss = [s["rss_mb"] for s in result["samples"]]
+    right.plot(tokens, rss, color="tab:red")
     right.set_ylabel("process RSS (MiB)", color="tab:red")
-    right.set_ylim(bottom=0)
+    right.set_ylim(0, 1.25 * max(rss))
     left.set_title(
         f"{result['model']}: {result['sinks']} sinks + {result['window']} window, "
         f"{result['block_size']}-token blocks"

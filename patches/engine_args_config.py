@@ -3,11 +3,11 @@
 Target (vLLM 0.32.0, ``vllm/engine/arg_utils.py``):
 ``EngineArgs.create_engine_config``, the one path from arguments to
 ``VllmConfig`` for ``vllm serve``, the benchmarks and offline ``LLM``.
-When ``additional_config`` asks for streaming it sets the streaming worker
-(vLLM's own ``worker_cls`` hook), turns prefix caching off and lifts the length
-cap before the config is derived, then checks the result against the model
-(deriving it once more with smaller prefill chunks when vLLM's default chunk
-would carry RoPE positions past the model's range).
+When ``additional_config`` asks for streaming, ``vllm_sink.engine_setup`` sets
+the streaming worker (vLLM's own ``worker_cls`` hook), turns prefix caching off
+and lifts the length cap before the config is derived, then checks the result
+against the model (deriving it once more with smaller prefill chunks when
+vLLM's default chunk would carry RoPE positions past the model's range).
 With streaming off it calls the original untouched.
 Why no hook: a general plugin has no callback between argument parsing and
 config creation, and these settings (prefix caching, ``max_model_len``,
@@ -33,30 +33,11 @@ def apply() -> None:
     def create_engine_config(self, *args, **kwargs):
         from vllm_sink.config import StreamingSettings
 
-        settings = StreamingSettings.from_additional_config(self.additional_config)
-        if settings is None:
+        if StreamingSettings.from_additional_config(self.additional_config) is None:
             return original(self, *args, **kwargs)
-        from vllm_sink import engine_setup
+        from vllm_sink.engine_setup import create_streaming_engine_config
 
-        engine_setup.prepare_engine_args(self, settings)
-        chunk_chosen_by_user = self.max_num_batched_tokens is not None
-        with engine_setup.long_streams_allowed():
-            config = original(self, *args, **kwargs)
-        chunk = engine_setup.fitting_chunk_size(config)
-        if chunk is not None and not chunk_chosen_by_user:
-            # vLLM's default prefill chunk would carry positions past the model's
-            # range: derive the config again with chunks that fit.
-            engine_setup.logger.info(
-                "vllm-sink: prefill chunks limited to %d tokens to keep RoPE positions "
-                "within the model's range",
-                chunk,
-            )
-            self.max_num_batched_tokens = chunk
-            self.max_num_seqs = min(config.scheduler_config.max_num_seqs, chunk)
-            with engine_setup.long_streams_allowed():
-                config = original(self, *args, **kwargs)
-        engine_setup.check_engine_config(config)
-        return config
+        return create_streaming_engine_config(self, original, *args, **kwargs)
 
     EngineArgs.create_engine_config = create_engine_config
     setattr(EngineArgs, MARKER, True)

@@ -1,6 +1,8 @@
 """Turning streaming settings into a vLLM engine configuration, or a clear refusal.
 
-Two steps around ``EngineArgs.create_engine_config``:
+:func:`create_streaming_engine_config` runs in place of
+``EngineArgs.create_engine_config`` when streaming is asked for, in two steps
+around vLLM's own:
 
 * :func:`prepare_engine_args` adjusts the arguments vLLM derives the config
   from (streaming worker, no prefix caching, a stream length cap past the
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from vllm.logger import init_logger
@@ -24,7 +26,6 @@ from vllm.logger import init_logger
 from vllm_sink.config import (
     DEFAULT_MAX_STREAM_LEN,
     StreamingConfigError,
-    StreamingSettings,
     policy_from_vllm_config,
 )
 from vllm_sink.policy import SinkWindowPolicy
@@ -38,7 +39,32 @@ logger = init_logger("vllm.vllm_sink")
 CPU_WORKER = "vllm_sink.worker.StreamingCPUWorker"
 
 
-def prepare_engine_args(args: EngineArgs, settings: StreamingSettings) -> None:
+def create_streaming_engine_config(
+    args: EngineArgs, create: Callable[..., VllmConfig], *create_args, **create_kwargs
+) -> VllmConfig:
+    """``create(args, ...)`` (vLLM's own) with the streaming settings applied and checked."""
+    prepare_engine_args(args)
+    chunk_chosen_by_user = args.max_num_batched_tokens is not None
+    with long_streams_allowed():
+        config = create(args, *create_args, **create_kwargs)
+    chunk = fitting_chunk_size(config)
+    if chunk is not None and not chunk_chosen_by_user:
+        # vLLM's default prefill chunk would carry positions past the model's
+        # range: derive the config again with chunks that fit.
+        logger.info(
+            "vllm-sink: prefill chunks limited to %d tokens to keep RoPE positions "
+            "within the model's range",
+            chunk,
+        )
+        args.max_num_batched_tokens = chunk
+        args.max_num_seqs = min(config.scheduler_config.max_num_seqs, chunk)
+        with long_streams_allowed():
+            config = create(args, *create_args, **create_kwargs)
+    check_engine_config(config)
+    return config
+
+
+def prepare_engine_args(args: EngineArgs) -> None:
     import vllm
     from vllm.platforms import current_platform
 
@@ -73,8 +99,8 @@ def prepare_engine_args(args: EngineArgs, settings: StreamingSettings) -> None:
             raise StreamingConfigError(f"vllm-sink streaming does not support {feature}")
 
     args.worker_cls = CPU_WORKER
-    if args.enable_prefix_caching:
-        logger.info("vllm-sink: prefix caching is turned off for streams")
+    # Evicted, re-rotated blocks are not a function of their token prefix.
+    logger.info("vllm-sink: prefix caching is off for streams")
     args.enable_prefix_caching = False
     if args.max_model_len is None:
         args.max_model_len = DEFAULT_MAX_STREAM_LEN
