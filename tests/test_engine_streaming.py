@@ -77,11 +77,16 @@ def test_before_first_eviction_streaming_changes_nothing(tiny_llama, engine_fact
     assert kv_manager(stream).num_evicted_blocks == 0
 
 
-@pytest.mark.parametrize("block,window,chunk", [(32, 64, 96), (128, 128, 256)])
+@pytest.mark.parametrize(
+    "block,window,chunk,eager", [(32, 64, 96, True), (128, 128, 256, True), (32, 64, 96, False)]
+)
 def test_tiny_llama_matches_reference_through_evictions(
-    tiny_llama, engine_factory, block, window, chunk
+    tiny_llama, engine_factory, block, window, chunk, eager
 ):
-    """Prompt streaming (evictions between prefill chunks), then decode streaming."""
+    """Prompt streaming (evictions between prefill chunks), then decode streaming.
+
+    Also once with torch.compile (vLLM's default outside tests).
+    """
     sinks, prompt_len, max_tokens = 4, 700, 300
     llm = engine_factory(
         tiny_llama,
@@ -89,6 +94,7 @@ def test_tiny_llama_matches_reference_through_evictions(
         block_size=block,
         max_num_batched_tokens=chunk,
         skip_tokenizer_init=True,
+        enforce_eager=eager,
         **streaming(sinks, window),
     )
     prompt = random_prompt(prompt_len, seed=2)
