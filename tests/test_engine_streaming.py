@@ -23,6 +23,19 @@ def streaming(sinks: int, window: int) -> dict:
     return {"additional_config": {"streaming_sinks": sinks, "streaming_window": window}}
 
 
+def tiny_streaming_engine(engine_factory, model, sinks, window, block, chunk, **extra):
+    """A float32 streaming engine on the tiny Llama (token ids in, no tokenizer)."""
+    return engine_factory(
+        model,
+        dtype="float32",
+        block_size=block,
+        max_num_batched_tokens=chunk,
+        skip_tokenizer_init=True,
+        **streaming(sinks, window),
+        **extra,
+    )
+
+
 def random_prompt(length: int, seed: int, vocab: int = 500) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(3, vocab) for _ in range(length)]
@@ -88,14 +101,8 @@ def test_tiny_llama_matches_reference_through_evictions(
     Also once with torch.compile (vLLM's default outside tests).
     """
     sinks, prompt_len, max_tokens = 4, 700, 300
-    llm = engine_factory(
-        tiny_llama,
-        dtype="float32",
-        block_size=block,
-        max_num_batched_tokens=chunk,
-        skip_tokenizer_init=True,
-        enforce_eager=eager,
-        **streaming(sinks, window),
+    llm = tiny_streaming_engine(
+        engine_factory, tiny_llama, sinks, window, block, chunk, enforce_eager=eager
     )
     prompt = random_prompt(prompt_len, seed=2)
     generated, logprobs = run(llm, prompt, max_tokens)
@@ -140,14 +147,7 @@ def test_smollm2_matches_reference_through_evictions(
 
 def test_block_accounting_over_a_20k_token_stream(tiny_llama, engine_factory):
     sinks, window, block, chunk = 4, 64, 32, 256
-    llm = engine_factory(
-        tiny_llama,
-        dtype="float32",
-        block_size=block,
-        max_num_batched_tokens=chunk,
-        skip_tokenizer_init=True,
-        **streaming(sinks, window),
-    )
+    llm = tiny_streaming_engine(engine_factory, tiny_llama, sinks, window, block, chunk)
     manager = kv_manager(llm)
     pool = manager.block_pool
     free_at_start = pool.get_num_free_blocks()
@@ -179,14 +179,7 @@ def test_concurrent_streams_are_isolated(tiny_llama, engine_factory):
     to others: any difference left would be one stream seeing another's KV.
     """
     sinks, window, block = 4, 64, 32
-    llm = engine_factory(
-        tiny_llama,
-        dtype="float32",
-        block_size=block,
-        max_num_batched_tokens=1024,
-        skip_tokenizer_init=True,
-        **streaming(sinks, window),
-    )
+    llm = tiny_streaming_engine(engine_factory, tiny_llama, sinks, window, block, 1024)
     lengths = [37, 150, 290, 512, 700, 64, 999, 5]
     max_tokens = [300, 50, 200, 120, 80, 260, 30, 150]
     prompts = [random_prompt(n, seed=10 + i) for i, n in enumerate(lengths)]
