@@ -75,11 +75,35 @@ def test_probed_layout_finds_every_written_key_and_value(dtype, block_size):
         v_scale=1.0,
         kv_cache_dtype="auto",
     )
-    paged = PagedKV(kv, layout)
+    keys, values = PagedKV.keys_of(kv, layout), PagedKV.values_of(kv, layout)
     for i, slot in enumerate(slots.tolist()):
-        block, offset = (
-            torch.tensor([slot // block_size]),
-            slice(slot % block_size, slot % block_size + 1),
-        )
-        assert torch.equal(paged.flat[paged.key_index(block, offset)][0, :, 0], key[i])
-        assert torch.equal(paged.flat[paged.value_index(block, offset)][0, :, 0], value[i])
+        block, offset = slot // block_size, slot % block_size
+        where = (torch.tensor([block]), slice(offset, offset + 1))
+        assert torch.equal(keys.get(*where)[0, :, 0], key[i])
+        assert torch.equal(values.get(*where)[0, :, 0], value[i])
+        # A write through the accessor changes exactly that slot's key.
+        before = kv.clone()
+        keys.set(*where, (2 * key[i]).view(1, heads, 1, head_size))
+        assert torch.equal(keys.get(*where)[0, :, 0], 2 * key[i])
+        assert int((kv != before).sum()) == int((key[i] != 0).sum())
+        assert torch.equal(values.get(*where)[0, :, 0], value[i])
+
+
+def test_accessors_follow_an_arbitrary_packing():
+    """The gather fallback, for packings that are not one strided view."""
+    block_size, head_size, heads = 32, 64, 2
+    page = 2 * block_size * head_size
+    offsets = torch.randperm(page, generator=torch.Generator().manual_seed(0))[
+        : block_size * head_size
+    ]
+    offsets = offsets.view(block_size, head_size)
+    kv = torch.zeros(4, heads, block_size, 2 * head_size)
+    keys = PagedKV(kv, offsets, page)
+    assert keys.view is None
+    data = torch.randn(2, heads, 3, head_size)
+    blocks = torch.tensor([3, 1])
+    keys.set(blocks, slice(5, 8), data)
+    assert torch.equal(keys.get(blocks, slice(5, 8)), data)
+    assert int((kv != 0).sum()) == data.numel()
+    flat = kv.view(4, heads, page)
+    assert torch.equal(flat[3, 1, offsets[6]], data[0, 1, 1])

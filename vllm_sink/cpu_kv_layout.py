@@ -69,22 +69,57 @@ class PageLayout:
 
 
 class PagedKV:
-    """Gather and scatter keys/values of whole slots across one layer's cache."""
+    """Read and write the keys or values of whole slots in one layer's cache.
 
-    def __init__(self, kv_cache: torch.Tensor, layout: PageLayout) -> None:
-        self.num_heads = kv_cache.shape[1]
-        self.flat = kv_cache.view(-1)
-        self.layout = layout
-        heads = torch.arange(self.num_heads, dtype=torch.int64) * layout.page_elems
-        self._head_base = heads.view(1, self.num_heads, 1, 1)
+    Where the probed packing is a plain strided layout (as for the ``vec`` ISA)
+    this is a zero-copy ``[blocks, heads, slots, head_size]`` view; otherwise it
+    falls back to gathering through the probed offsets.
+    """
 
-    def _index(self, blocks: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        base = blocks.view(-1, 1, 1, 1) * (self.num_heads * self.layout.page_elems)
-        return base + self._head_base + offsets.unsqueeze(0).unsqueeze(0)
+    def __init__(self, kv_cache: torch.Tensor, offsets: torch.Tensor, page_elems: int) -> None:
+        num_blocks, num_heads = kv_cache.shape[:2]
+        block_size, head_size = offsets.shape
+        self.dtype = kv_cache.dtype
+        base = int(offsets[0, 0])
+        token_stride = int(offsets[1, 0]) - base if block_size > 1 else 0
+        dim_stride = int(offsets[0, 1]) - base if head_size > 1 else 0
+        tokens = torch.arange(block_size).view(-1, 1)
+        dims = torch.arange(head_size).view(1, -1)
+        if torch.equal(offsets, base + tokens * token_stride + dims * dim_stride):
+            self.view: torch.Tensor | None = torch.as_strided(
+                kv_cache,
+                size=(num_blocks, num_heads, block_size, head_size),
+                stride=(num_heads * page_elems, page_elems, token_stride, dim_stride),
+                storage_offset=kv_cache.storage_offset() + base,
+            )
+        else:
+            self.view = None
+            self.flat = kv_cache.view(-1)
+            heads = torch.arange(num_heads, dtype=torch.int64).view(1, -1, 1, 1) * page_elems
+            self._offsets = offsets
+            self._block_stride = num_heads * page_elems
+            self._head_base = heads
 
-    def key_index(self, blocks: torch.Tensor, slots: slice = slice(None)) -> torch.Tensor:
-        """Flat indices ``[len(blocks), heads, slots, head_size]`` of the keys."""
-        return self._index(blocks, self.layout.key_offsets[slots])
+    @classmethod
+    def keys_of(cls, kv_cache: torch.Tensor, layout: PageLayout) -> PagedKV:
+        return cls(kv_cache, layout.key_offsets, layout.page_elems)
 
-    def value_index(self, blocks: torch.Tensor, slots: slice = slice(None)) -> torch.Tensor:
-        return self._index(blocks, self.layout.value_offsets[slots])
+    @classmethod
+    def values_of(cls, kv_cache: torch.Tensor, layout: PageLayout) -> PagedKV:
+        return cls(kv_cache, layout.value_offsets, layout.page_elems)
+
+    def _index(self, blocks: torch.Tensor, slots: slice) -> torch.Tensor:
+        offsets = self._offsets[slots].unsqueeze(0).unsqueeze(0)
+        return blocks.view(-1, 1, 1, 1) * self._block_stride + self._head_base + offsets
+
+    def get(self, blocks: torch.Tensor, slots: slice = slice(None)) -> torch.Tensor:
+        """A copy, ``[len(blocks), heads, slots, head_size]``."""
+        if self.view is not None:
+            return self.view[blocks, :, slots]
+        return self.flat[self._index(blocks, slots)]
+
+    def set(self, blocks: torch.Tensor, slots: slice, data: torch.Tensor) -> None:
+        if self.view is not None:
+            self.view[blocks, :, slots] = data.to(self.dtype)
+        else:
+            self.flat[self._index(blocks, slots)] = data.to(self.dtype)

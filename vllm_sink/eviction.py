@@ -33,6 +33,7 @@ class EvictionPlan:
     tail_deltas: list[int] = field(default_factory=list)
     window_blocks: list[int] = field(default_factory=list)
     window_deltas: list[int] = field(default_factory=list)
+    block_size: int = 0
 
     def __bool__(self) -> bool:
         return bool(self.head_blocks)
@@ -48,6 +49,7 @@ class EvictionPlan:
         evicted = policy.evicted_blocks(num_computed_tokens)
         if evicted <= evicted_before:
             return evicted_before
+        self.block_size = policy.block_size
         delta = (evicted - evicted_before) * policy.block_size
         last_computed_block = (num_computed_tokens - 1) // policy.block_size
         self.head_blocks.append(int(block_row[0]))
@@ -61,22 +63,20 @@ class EvictionPlan:
 
 def apply_eviction_plan(
     plan: EvictionPlan,
-    layers: list[tuple[PagedKV, RopeDeltas]],
+    layers: list[tuple[PagedKV, PagedKV, RopeDeltas]],
     sinks: int,
 ) -> None:
-    """Carry out ``plan`` on every layer's cache."""
+    """Carry out ``plan`` on every layer's cache (keys, values, rotary angles)."""
     as_long = lambda xs: torch.tensor(xs, dtype=torch.int64)  # noqa: E731
     window, window_deltas = as_long(plan.window_blocks), as_long(plan.window_deltas)
     heads, sources = as_long(plan.head_blocks), as_long(plan.tail_source_blocks)
     tail_deltas = as_long(plan.tail_deltas)
-    tail = slice(sinks, None)
-    for kv, rope in layers:
-        dtype = kv.flat.dtype
+    everything, tail = slice(None), slice(sinks, None)
+    for keys, values, rope in layers:
         if len(window):
-            index = kv.key_index(window)
-            keys = rope.rotate_back(kv.flat[index].to(torch.float32), window_deltas)
-            kv.flat[index] = keys.to(dtype)
-        if sinks < kv.layout.key_offsets.shape[0]:
-            keys = kv.flat[kv.key_index(sources, tail)].to(torch.float32)
-            kv.flat[kv.key_index(heads, tail)] = rope.rotate_back(keys, tail_deltas).to(dtype)
-            kv.flat[kv.value_index(heads, tail)] = kv.flat[kv.value_index(sources, tail)]
+            rotated = rope.rotate_back(keys.get(window).to(torch.float32), window_deltas)
+            keys.set(window, everything, rotated)
+        if sinks < plan.block_size:
+            rotated = rope.rotate_back(keys.get(sources, tail).to(torch.float32), tail_deltas)
+            keys.set(heads, tail, rotated)
+            values.set(heads, tail, values.get(sources, tail))

@@ -117,14 +117,20 @@ class StreamingModelRunnerMixin:
         layers = get_layers_from_vllm_config(self.vllm_config, Attention)
         spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
         layout = None
-        self._streaming_layers: list[tuple[PagedKV, RopeDeltas]] = []
+        self._streaming_layers: list[tuple[PagedKV, PagedKV, RopeDeltas]] = []
         for name, layer in layers.items():
             kv_cache = layer.kv_cache
             if layout is None:
                 layout = PageLayout.probe_cpu_attn(
                     spec.block_size, spec.head_size, kv_cache.dtype, layer.isa
                 )
-            self._streaming_layers.append((PagedKV(kv_cache, layout), self._streaming_ropes[name]))
+            self._streaming_layers.append(
+                (
+                    PagedKV.keys_of(kv_cache, layout),
+                    PagedKV.values_of(kv_cache, layout),
+                    self._streaming_ropes[name],
+                )
+            )
 
     # -------------------------------------------------------------- every step
     def _update_states(self, scheduler_output: SchedulerOutput):
