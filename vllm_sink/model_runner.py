@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from vllm.config import get_layers_from_vllm_config
+from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import Attention
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 
@@ -34,6 +35,8 @@ from vllm_sink.rerotation import RopeDeltas
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
+
+logger = init_logger("vllm.vllm_sink")
 
 SUPPORTED_BACKENDS = ("CPU_ATTN",)
 
@@ -131,6 +134,16 @@ class StreamingModelRunnerMixin:
                     self._streaming_ropes[name],
                 )
             )
+        policy = self.streaming_policy
+        per_stream = policy.max_resident_blocks * spec.page_size_bytes * len(layers)
+        logger.info(
+            "vllm-sink: KV memory per stream at most %.1f MiB (%d blocks); the pool of %d "
+            "blocks holds %d full-size streams at once",
+            per_stream / 2**20,
+            policy.max_resident_blocks,
+            kv_cache_config.num_blocks,
+            (kv_cache_config.num_blocks - 1) // policy.max_resident_blocks,
+        )
 
     # -------------------------------------------------------------- every step
     def _update_states(self, scheduler_output: SchedulerOutput):
