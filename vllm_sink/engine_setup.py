@@ -147,6 +147,11 @@ def trained_positions(config: VllmConfig) -> int:
     )
 
 
+def position_overshoot(config: VllmConfig) -> int:
+    """How many positions the cache would use past the model's trained range."""
+    return streaming_policy(config).max_position + 1 - trained_positions(config)
+
+
 def fitting_chunk_size(config: VllmConfig) -> int | None:
     """A smaller prefill chunk size that keeps positions in range.
 
@@ -154,7 +159,7 @@ def fitting_chunk_size(config: VllmConfig) -> int | None:
     when no chunk of at least one block would fit: the window is too large.
     """
     policy = streaming_policy(config)
-    overshoot = policy.max_position + 1 - trained_positions(config)
+    overshoot = position_overshoot(config)
     chunk = policy.max_chunk_tokens - overshoot
     if overshoot <= 0 or chunk < policy.block_size:
         return None
@@ -187,10 +192,10 @@ def check_engine_config(config: VllmConfig) -> None:
             f"attention backend choice {backend}"
         )
     policy = streaming_policy(config)
-    trained = trained_positions(config)
-    if policy.max_position >= trained:
-        max_window = trained - (policy.max_position + 1 - policy.window)
-        max_chunk = trained - (policy.max_position + 1 - policy.max_chunk_tokens)
+    overshoot = position_overshoot(config)
+    if overshoot > 0:
+        max_window = policy.window - overshoot
+        max_chunk = policy.max_chunk_tokens - overshoot
         fixes = (
             [f"--streaming-window to at most {max_window}"]
             if max_window >= policy.block_size
@@ -202,7 +207,7 @@ def check_engine_config(config: VllmConfig) -> None:
             f"a streaming cache of {policy.sinks} sinks + {policy.window} window tokens, "
             f"with {policy.block_size}-token blocks and prefill chunks of up to "
             f"{policy.max_chunk_tokens} tokens, reaches RoPE position {policy.max_position}, "
-            f"past the {trained} positions {model.model} was trained on. Lower "
+            f"past the {trained_positions(config)} positions {model.model} was trained on. Lower "
             + (" or ".join(fixes) if fixes else "--streaming-window and --max-num-batched-tokens")
             + "."
         )

@@ -33,7 +33,6 @@ class EvictionPlan:
     tail_deltas: list[int] = field(default_factory=list)
     window_blocks: list[int] = field(default_factory=list)
     window_deltas: list[int] = field(default_factory=list)
-    block_size: int = 0
 
     def __bool__(self) -> bool:
         return bool(self.head_blocks)
@@ -49,7 +48,6 @@ class EvictionPlan:
         evicted = policy.evicted_blocks(num_computed_tokens)
         if evicted <= evicted_before:
             return evicted_before
-        self.block_size = policy.block_size
         delta = (evicted - evicted_before) * policy.block_size
         last_computed_block = (num_computed_tokens - 1) // policy.block_size
         self.head_blocks.append(int(block_row[0]))
@@ -64,19 +62,19 @@ class EvictionPlan:
 def apply_eviction_plan(
     plan: EvictionPlan,
     layers: list[tuple[PagedKV, PagedKV, RopeDeltas]],
-    sinks: int,
+    policy: SinkWindowPolicy,
 ) -> None:
     """Carry out ``plan`` on every layer's cache (keys, values, rotary angles)."""
     as_long = lambda xs: torch.tensor(xs, dtype=torch.int64)  # noqa: E731
     window, window_deltas = as_long(plan.window_blocks), as_long(plan.window_deltas)
     heads, sources = as_long(plan.head_blocks), as_long(plan.tail_source_blocks)
     tail_deltas = as_long(plan.tail_deltas)
-    everything, tail = slice(None), slice(sinks, None)
+    everything, tail = slice(None), slice(policy.sinks, None)
     for keys, values, rope in layers:
         if len(window):
             rotated = rope.rotate_back(keys.get(window).to(torch.float32), window_deltas)
             keys.set(window, everything, rotated)
-        if sinks < plan.block_size:
+        if policy.sinks < policy.block_size:
             rotated = rope.rotate_back(keys.get(sources, tail).to(torch.float32), tail_deltas)
             keys.set(heads, tail, rotated)
             values.set(heads, tail, values.get(sources, tail))

@@ -174,8 +174,6 @@ class StreamingModelRunnerMixin:
         rows = self.input_batch.block_table[0].block_table.np
         evicted = self._streaming_evicted
         for i, req_id in enumerate(self.input_batch.req_ids[: len(computed)]):
-            before = evicted.get(req_id, 0)
-            if policy.evicted_blocks(int(computed[i])) > before:
-                evicted[req_id] = plan.add(policy, rows[i], int(computed[i]), before)
+            evicted[req_id] = plan.add(policy, rows[i], int(computed[i]), evicted.get(req_id, 0))
         if plan:
-            apply_eviction_plan(plan, self._streaming_layers, policy.sinks)
+            apply_eviction_plan(plan, self._streaming_layers, policy)
