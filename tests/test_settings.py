@@ -90,6 +90,11 @@ def engine_config(model, **kwargs):
             {"kv_cache_dtype": "fp8"},
             "quantized KV cache",
         ),
+        (
+            {"streaming_sinks": 4, "streaming_window": 64},
+            {"data_parallel_size": 2},
+            "data parallelism",
+        ),
     ],
 )
 def test_bad_settings_fail_at_start_up(tiny_llama, settings, extra, message):

@@ -10,6 +10,9 @@ around vLLM's own:
 * :func:`check_engine_config` checks the finished config against the model
   (RoPE, full attention only, cache positions within the trained range).
 
+It then puts the streaming figures on this process's ``/metrics``
+(:mod:`vllm_sink.metrics`).
+
 Both raise :class:`~vllm_sink.config.StreamingConfigError` with a message that
 says what to change, before any engine process starts.
 """
@@ -28,6 +31,7 @@ from vllm_sink.config import (
     StreamingConfigError,
     policy_from_vllm_config,
 )
+from vllm_sink.metrics import publish_streaming_metrics
 from vllm_sink.policy import SinkWindowPolicy
 
 if TYPE_CHECKING:
@@ -61,6 +65,7 @@ def create_streaming_engine_config(
         with long_streams_allowed():
             config = create(args, *create_args, **create_kwargs)
     check_engine_config(config)
+    publish_streaming_metrics(str(config.model_config.served_model_name))
     return config
 
 
@@ -90,6 +95,7 @@ def prepare_engine_args(args: EngineArgs) -> None:
         "a quantized KV cache (--kv-cache-dtype)": args.kv_cache_dtype not in ("auto", None),
         "tensor parallelism": (args.tensor_parallel_size or 1) > 1,
         "pipeline parallelism": (args.pipeline_parallel_size or 1) > 1,
+        "data parallelism": (args.data_parallel_size or 1) > 1,
         "--no-enable-chunked-prefill (long prompts stream through chunks)": (
             args.enable_chunked_prefill is False
         ),

@@ -9,6 +9,7 @@ prompt of any length is admitted once that bound fits.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 
+from vllm_sink.metrics import StreamingBoard
 from vllm_sink.policy import SinkWindowPolicy
 
 if TYPE_CHECKING:
@@ -69,6 +71,10 @@ class StreamingSinkSpec(FullAttentionSpec):
         return specs[0]
 
 
+PUBLISH_INTERVAL_S = 0.5
+"""How often a busy scheduler refreshes the figures on ``/metrics``."""
+
+
 class StreamingSinkManager(SingleTypeKVCacheManager):
     """Frees evicted window blocks; never shares blocks through prefix caching."""
 
@@ -77,10 +83,15 @@ class StreamingSinkManager(SingleTypeKVCacheManager):
         kwargs["max_admission_blocks_per_request"] = self.policy.max_resident_blocks
         super().__init__(kv_cache_spec, **kwargs)
         self._freed_until: dict[str, int] = {}
+        self._stream_tokens: dict[str, int] = {}
+        """Tokens each stream had processed at the start of its latest step."""
         self.peak_resident_blocks = 0
         """Most blocks any one request has held at once (for tests and metrics)."""
         self.num_evicted_blocks = 0
         """Window blocks returned to the pool so far."""
+        self._board = StreamingBoard.from_environment()
+        self._published_at = 0.0
+        self._publish()
 
     def resident_blocks(self, request_id: str) -> int:
         """Blocks the request holds now (freed slots are null placeholders)."""
@@ -93,14 +104,16 @@ class StreamingSinkManager(SingleTypeKVCacheManager):
         processed_computed_tokens: int,
         num_prompt_tokens: int | None = None,
     ) -> None:
+        self._stream_tokens[request_id] = processed_computed_tokens
         first, last = self.policy.freeable_block_range(processed_computed_tokens)
         last = min(last, len(self.req_to_blocks.get(request_id, ())))
         already = self._freed_until.get(request_id, first)
-        if last <= already:
-            return
-        self._remove_blocks_in_range(request_id, first, last)
-        self.num_evicted_blocks += last - already
-        self._freed_until[request_id] = last
+        if last > already:
+            self._remove_blocks_in_range(request_id, first, last)
+            self.num_evicted_blocks += last - already
+            self._freed_until[request_id] = last
+        if time.monotonic() - self._published_at > PUBLISH_INTERVAL_S:
+            self._publish()
 
     def allocate_new_blocks(
         self, request_id: str, num_tokens: int, num_tokens_main_model: int
@@ -112,6 +125,30 @@ class StreamingSinkManager(SingleTypeKVCacheManager):
     def free(self, request_id: str) -> None:
         super().free(request_id)
         self._freed_until.pop(request_id, None)
+        self._stream_tokens.pop(request_id, None)
+        self._publish()
+
+    def _publish(self) -> None:
+        """Write the current figures to the ``/metrics`` board (O(streams))."""
+        if self._board is None:
+            return
+        self._published_at = time.monotonic()
+        resident_tokens = [
+            n - self.policy.evicted_blocks(n) * self.policy.block_size
+            for n in self._stream_tokens.values()
+        ]
+        self._board.publish(
+            streams=len(self._stream_tokens),
+            streams_evicting=sum(
+                self.policy.evicted_blocks(n) > 0 for n in self._stream_tokens.values()
+            ),
+            evicted_blocks=self.num_evicted_blocks,
+            resident_blocks=sum(self.resident_blocks(r) for r in self._stream_tokens),
+            resident_tokens=sum(resident_tokens),
+            max_resident_tokens=max(resident_tokens, default=0),
+            longest_stream_tokens=max(self._stream_tokens.values(), default=0),
+            blocks_per_stream_limit=self.policy.max_resident_blocks,
+        )
 
     @classmethod
     def find_longest_cache_hit(

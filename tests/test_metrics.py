@@ -1,0 +1,54 @@
+"""The /metrics board: the scheduler's figures as the API server's collector sees them."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+from test_kv_cache_manager import make_manager, owned, step
+
+from vllm_sink.metrics import BOARD_ENV, StreamingBoard, StreamingCollector
+from vllm_sink.policy import SinkWindowPolicy
+
+
+def test_collector_exposes_what_the_board_holds():
+    board = StreamingBoard.create()
+    reader = StreamingBoard(board.path, writable=False)
+    board.publish(streams=3, evicted_blocks=41, max_resident_tokens=1100)
+    registry = CollectorRegistry()
+    registry.register(StreamingCollector(reader, model_name="m"))
+    text = generate_latest(registry).decode()
+    assert 'vllm_sink:streams{engine="0",model_name="m"} 3.0' in text
+    assert 'vllm_sink:evicted_blocks_total{engine="0",model_name="m"} 41.0' in text
+    assert "# TYPE vllm_sink:evicted_blocks_total counter" in text
+    assert 'vllm_sink:max_resident_kv_tokens_per_stream{engine="0",model_name="m"} 1100.0' in text
+
+
+def test_manager_publishes_its_streams(monkeypatch):
+    board = StreamingBoard.create()
+    monkeypatch.setenv(BOARD_ENV, str(board.path))
+    policy = SinkWindowPolicy(sinks=4, window=64, block_size=32, max_chunk_tokens=96)
+    manager, _ = make_manager(policy, num_blocks=64)
+    lengths = {"long": 0, "short": 0}
+    for new_tokens in [96] * 10:  # "long" grows to 960 tokens, "short" stays at 40
+        step(manager, "long", lengths["long"], new_tokens)
+        lengths["long"] += new_tokens
+    step(manager, "short", 0, 40)
+    manager.remove_skipped_blocks("long", lengths["long"])
+    manager.remove_skipped_blocks("short", 40)
+    manager._publish()
+
+    figures = board.read()
+    # The long stream holds its 4 sinks plus tokens from the first one past its
+    # evicted blocks: 960 - 4 - 64 + 1 = 893 spare positions, 27 whole blocks.
+    long_resident = 960 - 27 * 32
+    assert figures["streams"] == 2 and figures["streams_evicting"] == 1
+    assert figures["resident_tokens"] == long_resident + 40
+    assert figures["max_resident_tokens"] == long_resident
+    assert figures["longest_stream_tokens"] == 960
+    assert figures["resident_blocks"] == len(owned(manager, "long")) + len(owned(manager, "short"))
+    assert figures["evicted_blocks"] == manager.num_evicted_blocks > 0
+
+    manager.free("long")
+    manager.free("short")
+    figures = board.read()
+    assert figures["streams"] == figures["resident_blocks"] == figures["resident_tokens"] == 0
+    assert figures["evicted_blocks"] > 0  # a counter: it outlives the streams

@@ -1,0 +1,173 @@
+"""The OpenAI server past the model's context: chat, SSE, disconnects, bad requests.
+
+The server runs SmolLM2 with its declared context cut to 1024 positions (same
+weights, same RoPE), so that histories outgrow the context in a few hundred
+tokens and the whole module runs in minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import openai
+import pytest
+import requests
+from serve_helpers import vllm_serve, with_short_context
+
+pytestmark = pytest.mark.engine
+
+CONTEXT = 1024
+FLAGS = ["--streaming-sinks", "4", "--streaming-window", "252", "--block-size", "32",
+         "--max-num-batched-tokens", "256"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def server(smollm2, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve_chat")
+    model = with_short_context(smollm2, CONTEXT, root / "SmolLM2-1k")
+    with vllm_serve(model, FLAGS, root / "server.log", kv_space_gib=1) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def book(handbook_tokens, server) -> str:
+    """About 1,500 tokens of the Debian handbook: a prompt past the context."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(server.model).decode(handbook_tokens[:1500])
+
+
+def wait_until_idle(server, timeout_s: float = 30) -> dict[str, float]:
+    deadline = time.time() + timeout_s
+    while True:
+        metrics = server.metrics()
+        if metrics["vllm:num_requests_running"] == 0 or time.time() > deadline:
+            return metrics
+        time.sleep(0.5)
+
+
+def test_thirty_turn_chat_outgrows_the_context(server, client):
+    facts = ["The sky is blue.", "Cats like milk.", "Paris is in France.",
+             "Water boils at 100 degrees.", "Bees make honey."]  # fmt: skip
+    messages = [{"role": "system", "content": "You are a helpful assistant."}]
+    for turn in range(29):
+        messages.append(
+            {
+                "role": "user",
+                "content": f"Turn {turn + 1}. {facts[turn % 5]} "
+                "Please reply with one short sentence.",
+            }
+        )
+        reply = client.chat.completions.create(
+            model=server.model, messages=messages, max_tokens=16, temperature=0
+        )
+        answer = reply.choices[0].message.content
+        assert answer.strip(), f"empty answer at turn {turn + 1}"
+        messages.append({"role": "assistant", "content": answer})
+    messages.append({"role": "user", "content": "What is the capital of France?"})
+    reply = client.chat.completions.create(
+        model=server.model, messages=messages, max_tokens=16, temperature=0
+    )
+    assert reply.usage.prompt_tokens > CONTEXT  # no length 400: the history streams
+    assert "Paris" in reply.choices[0].message.content
+
+
+def test_sse_streams_past_the_context(server, client, book):
+    """Chat and completions, streamed: prompt plus output both past the context."""
+    chunks = client.completions.create(
+        model=server.model, prompt=book, max_tokens=CONTEXT + 100, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    pieces, usage = [], None
+    for chunk in chunks:
+        pieces.extend(choice.text for choice in chunk.choices)
+        usage = chunk.usage or usage
+    assert usage.prompt_tokens > CONTEXT and usage.completion_tokens == CONTEXT + 100
+    assert len(pieces) >= CONTEXT  # one event per token or so, not one at the end
+
+    stream = client.chat.completions.create(
+        model=server.model, messages=[{"role": "user", "content": book + "\nSummarize this."}],
+        max_tokens=32, temperature=0, stream=True,
+    )  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text.strip()
+
+
+def test_concurrent_clients(server, client, book):
+    results: dict[int, str] = {}
+    errors: list[BaseException] = []
+
+    def converse(index: int) -> None:
+        try:
+            stream = client.chat.completions.create(
+                model=server.model, max_tokens=48, temperature=0, stream=True,
+                messages=[{"role": "user", "content": f"Text {index}:\n{book[index * 300:]}"
+                                                      "\nWhat is this text about?"}],
+            )  # fmt: skip
+            results[index] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        except BaseException as error:  # reported below, in the test's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=converse, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    most_streams = 0
+    while any(thread.is_alive() for thread in threads):
+        most_streams = max(most_streams, server.metrics()["vllm_sink:streams"])
+        time.sleep(0.2)
+    assert not errors, errors
+    assert sorted(results) == [0, 1, 2, 3] and all(text.strip() for text in results.values())
+    assert most_streams >= 2  # the streams were batched, not served one by one
+
+
+def test_client_disconnect_frees_its_blocks(server, client, book):
+    stream = client.completions.create(
+        model=server.model, prompt=book, max_tokens=100_000, temperature=0, stream=True,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    for received, _ in enumerate(stream):
+        if received == 50:
+            break
+    running = server.metrics()
+    assert running["vllm_sink:streams_past_first_eviction"] == 1
+    assert (
+        0
+        < running["vllm_sink:resident_kv_blocks"]
+        <= running["vllm_sink:kv_blocks_per_stream_limit"]
+    )
+    stream.response.close()
+
+    idle = wait_until_idle(server)
+    assert idle["vllm:num_requests_running"] == 0
+    assert idle["vllm_sink:streams"] == 0 and idle["vllm_sink:resident_kv_blocks"] == 0
+    assert idle["vllm:kv_cache_usage_perc"] == 0
+    reply = client.completions.create(model=server.model, prompt="Hello", max_tokens=4)
+    assert reply.choices[0].text is not None
+
+
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 2}, "top_p"),
+        ({"n": 0}, "n must be at least 1"),
+        ({"logprobs": 100}, "logprobs"),
+        ({"prompt": ""}, "prompt"),
+        ({"stop": 5}, "stop"),
+    ],
+)
+def test_bad_request_gets_400_and_the_server_keeps_serving(server, change, says):
+    body = {"model": server.model, "prompt": "Hello", "max_tokens": 4, **change}
+    reply = requests.post(f"{server.url}/v1/completions", json=body, timeout=60)
+    assert reply.status_code == 400, reply.text
+    assert says in reply.json()["error"]["message"]
+    good = {"model": server.model, "prompt": "Hello", "max_tokens": 4}
+    reply = requests.post(f"{server.url}/v1/completions", json=good, timeout=60)
+    assert reply.status_code == 200, reply.text
