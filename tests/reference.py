@@ -117,3 +117,22 @@ class StreamingLlamaReference:
             out[p : end + 1] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v_sel)
             p = end + 1
         return out
+
+
+@torch.no_grad()
+def recompute_nll(
+    model_path: str | Path, tokens: list[int], cache: int, targets: list[int], batch: int = 4
+) -> list[float]:
+    """Sliding window with re-computation, the paper's oracle: each target token is
+    predicted from the ``cache`` tokens before it, encoded afresh at positions
+    ``0 .. cache-1`` by the plain transformers model (float32)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    nll = []
+    for i in range(0, len(targets), batch):
+        chunk = targets[i : i + batch]
+        ids = torch.tensor([tokens[t - cache : t] for t in chunk])
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[:, -1].float(), dim=-1)
+        nll += [-logprobs[j, tokens[t]].item() for j, t in enumerate(chunk)]
+    return nll
