@@ -11,8 +11,10 @@ paper's Figure 3 and Tables 1-2):
 * ``sinks4_w<W>``: StreamingLLM, 4 sinks + W, for each ``--windows``;
 * ``recompute_w<W>``: the oracle, sliding window with re-computation: each
   evaluated token is predicted from the previous S+W tokens encoded afresh at
-  positions 0.. (HF transformers, float32), on every ``--oracle-stride``-th
-  token past the first eviction (it costs S+W tokens of compute per token).
+  positions 0.. (HF transformers, float32). It costs S+W tokens of compute per
+  token, so it evaluates ``--oracle-tokens`` tokens spread evenly past the
+  first eviction, for the windows in ``--oracle-windows``; StreamingLLM is
+  compared with it on those same tokens.
 
 ``--fidelity`` instead measures how the prefill chunk size changes perplexity
 against token-by-token streaming (the independent torch reference of
@@ -80,7 +82,7 @@ def vllm_nll(tokens: list[int], **engine_kwargs) -> list[float]:
         cleanup_dist_env_and_memory()
 
 
-def streaming(sinks: int, window: int, chunk: int = 1024) -> dict:
+def streaming(sinks: int, window: int, chunk: int) -> dict:
     return {
         "additional_config": {"streaming_sinks": sinks, "streaming_window": window},
         "max_num_batched_tokens": chunk,
@@ -116,19 +118,24 @@ def compare_policies(args: argparse.Namespace) -> dict:
             max_model_len=len(tokens) + 1, hf_overrides=stretched,
         )  # fmt: skip
     main_window = args.windows[len(args.windows) // 2]
-    runs["window"] = timed("window", vllm_nll, tokens, **streaming(0, main_window + SINKS))
+    runs["window"] = timed(
+        "window", vllm_nll, tokens, **streaming(0, main_window + SINKS, args.chunk)
+    )
     oracle: dict[str, dict] = {}
     for window in args.windows:
         name = f"sinks4_w{window}"
-        runs[name] = timed(name, vllm_nll, tokens, **streaming(SINKS, window))
+        runs[name] = timed(name, vllm_nll, tokens, **streaming(SINKS, window, args.chunk))
+        if window not in args.oracle_windows:
+            continue
         cache = SINKS + window
-        targets = list(range(cache, len(tokens), args.oracle_stride))
+        stride = max(1, (len(tokens) - cache) // args.oracle_tokens)
+        targets = list(range(cache, len(tokens), stride))[: args.oracle_tokens]
         recomputed = timed(f"recompute_w{window}", recompute_nll, MODEL, tokens, cache, targets)
         same_tokens = [runs[name][t - 1] for t in targets]
         oracle[f"w{window}"] = {
             "cache_tokens": cache,
             "evaluated_tokens": len(targets),
-            "stride": args.oracle_stride,
+            "stride": stride,
             "recompute_perplexity": perplexity(recomputed),
             "sinks4_perplexity_same_tokens": perplexity(same_tokens),
             "window_perplexity_same_tokens": (
@@ -143,7 +150,7 @@ def compare_policies(args: argparse.Namespace) -> dict:
         "tokens": len(tokens),
         "model": MODEL.name,
         "dtype": "float32",
-        "prefill_chunk": 1024,
+        "prefill_chunk": args.chunk,
         "block_size": 128,
         "overall": {name: perplexity(nll) for name, nll in runs.items()},
         "segments": {name: segments(nll) for name, nll in runs.items()},
@@ -195,7 +202,7 @@ def plot(result: dict, path: Path) -> None:
     for window, oracle in result["recompute"].items():
         axis.axhline(
             math.log(oracle["recompute_perplexity"]), linestyle=":", linewidth=1,
-            label=f"recompute {window} (sampled tokens)",
+            label=f"recompute {window}: mean of {oracle['evaluated_tokens']} sampled tokens",
         )  # fmt: skip
     axis.axvline(CONTEXT, color="grey", linewidth=0.8)
     axis.text(CONTEXT, axis.get_ylim()[1], " model context", va="top", color="grey")
@@ -211,7 +218,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=20_480)
     parser.add_argument("--windows", type=int, nargs="+", default=[508, 1020, 2044])
-    parser.add_argument("--oracle-stride", type=int, default=64)
+    parser.add_argument("--chunk", type=int, default=1024, help="prefill chunk (streaming)")
+    parser.add_argument("--oracle-windows", type=int, nargs="+", default=[1020])
+    parser.add_argument(
+        "--oracle-tokens", type=int, default=192, help="tokens the oracle evaluates per window"
+    )
     parser.add_argument("--skip-extrapolated", action="store_true")
     parser.add_argument("--fidelity", action="store_true")
     parser.add_argument("--chunks", type=int, nargs="+", default=[128, 256, 512, 1024, 2048])

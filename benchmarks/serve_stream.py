@@ -125,7 +125,7 @@ def plot(result: dict, path: Path) -> None:
         rss_axis = blocks_axis.twinx()
         rss_axis.plot(tokens, [s["server_rss_mib"] for s in samples], color="tab:red")
         rss_axis.set_ylabel("server RSS, all processes (MiB)", color="tab:red")
-        rss_axis.set_ylim(bottom=0)
+        rss_axis.set_ylim(0, 1.25 * max(s["server_rss_mib"] for s in samples))
     blocks_axis.set_title(f"One SSE stream from vllm serve: {result['model']}")
     figure.tight_layout()
     figure.savefig(path, dpi=110)

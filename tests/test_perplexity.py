@@ -79,4 +79,4 @@ def test_sinks_keep_perplexity_close_to_dense(smollm2, handbook_tokens, engine_f
     }
     print(f"on {len(targets)} sampled tokens: recompute {recomputed:.3f}", sampled)
     assert sampled["sinks4"] < 1.05 * recomputed
-    assert sampled["window_only"] > 1.3 * recomputed
+    assert sampled["window_only"] > 1.15 * recomputed

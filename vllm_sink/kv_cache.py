@@ -112,8 +112,7 @@ class StreamingSinkManager(SingleTypeKVCacheManager):
             self._remove_blocks_in_range(request_id, first, last)
             self.num_evicted_blocks += last - already
             self._freed_until[request_id] = last
-        if time.monotonic() - self._published_at > PUBLISH_INTERVAL_S:
-            self._publish()
+        self._publish_if_due()
 
     def allocate_new_blocks(
         self, request_id: str, num_tokens: int, num_tokens_main_model: int
@@ -126,7 +125,12 @@ class StreamingSinkManager(SingleTypeKVCacheManager):
         super().free(request_id)
         self._freed_until.pop(request_id, None)
         self._stream_tokens.pop(request_id, None)
-        self._publish()
+        # The last stream's end is published at once: an idle engine takes no steps.
+        self._publish_if_due(now=not self._stream_tokens)
+
+    def _publish_if_due(self, now: bool = False) -> None:
+        if now or time.monotonic() - self._published_at > PUBLISH_INTERVAL_S:
+            self._publish()
 
     def _publish(self) -> None:
         """Write the current figures to the ``/metrics`` board (O(streams))."""
