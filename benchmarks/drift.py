@@ -1,0 +1,176 @@
+"""Numerical drift over a very long stream: re-rotated keys and perplexity at the end.
+
+Streams ``--tokens`` tokens of the Debian handbook (repeated) as one prompt
+through SmolLM2 (fp32, in-process engine, 4 + 1020 by default) and then checks:
+
+* **keys**: the layer-0 keys resident in the cache when the stream ends (sinks
+  plus the window, each window key re-rotated at every eviction of its life)
+  against keys computed afresh for the same tokens at the same cache positions
+  (layer 0's keys depend only on the token and its position: embedding, norm,
+  ``k_proj``, RoPE). Reported as the largest relative error per key vector,
+  next to the same figure for a short stream that never evicts (the noise floor
+  between vLLM's and transformers' kernels);
+* **perplexity**: the same passage of the text (``--passage`` tokens from
+  ``--offset`` into it) in the first and in the last full repetition of the
+  text within the stream.
+
+Writes ``results/<name>.json``.
+
+    .venv/bin/python benchmarks/drift.py --tokens 1048576     # about 70 minutes here
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+MODEL = REPO / "models" / "SmolLM2-135M-Instruct"
+TEXT = REPO / "data" / "debian-handbook.txt"
+
+
+def stream_and_capture(tokens: list[int], sinks: int, window: int, chunk: int):
+    """Per-token NLL of the stream, and its layer-0 resident keys in cache order."""
+    import torch
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(
+        str(MODEL), dtype="float32", enforce_eager=True, max_num_seqs=1,
+        max_model_len=len(tokens) + 8, max_num_batched_tokens=chunk,
+        additional_config={"streaming_sinks": sinks, "streaming_window": window},
+    )  # fmt: skip
+    core = llm.llm_engine.engine_core.engine_core
+    manager = core.scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    runner = core.model_executor.driver_worker.worker.model_runner
+    held: dict[str, list[int]] = {}
+    free = manager.free
+
+    def free_and_remember(request_id: str) -> None:
+        held[request_id] = [block.block_id for block in manager.req_to_blocks[request_id]]
+        free(request_id)
+
+    manager.free = free_and_remember
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+    try:
+        start = time.time()
+        out = llm.generate([{"prompt_token_ids": tokens}], params)[0]
+        seconds = time.time() - start
+        nll = [-d[t].logprob for d, t in zip(out.prompt_logprobs[1:], tokens[1:])]
+
+        # The last step started with the last prompt chunk: its eviction count
+        # says which blocks form the compact cache [head block, window blocks...].
+        policy = runner.streaming_policy
+        last_step_start = (len(tokens) - 1) // chunk * chunk
+        evicted = policy.evicted_blocks(last_step_start)
+        (blocks,) = held.values()
+        compact = torch.tensor([blocks[0], *blocks[evicted + 1 :]])
+        keys = runner._streaming_layers[0][0].get(compact)  # [blocks, heads, slots, dim]
+        keys = keys.permute(0, 2, 1, 3).reshape(-1, keys.shape[1], keys.shape[3]).clone()
+    finally:
+        shutdown(llm)
+    resident = len(tokens) - evicted * policy.block_size
+    cached_tokens = tokens[:sinks] + tokens[evicted * policy.block_size + sinks :]
+    assert len(cached_tokens) == resident
+    return nll, keys[:resident], cached_tokens, seconds
+
+
+def shutdown(llm) -> None:
+    import gc
+
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    llm.llm_engine.engine_core.shutdown()
+    gc.collect()
+    cleanup_dist_env_and_memory()
+
+
+def fresh_layer0_keys(token_ids: list[int]):
+    """Layer-0 keys of ``token_ids`` at cache positions 0.., from transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from reference import _rope_cos_sin, _rotate
+
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope = getattr(config, "rope_parameters", None) or {}
+    theta = float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        hidden = layer.input_layernorm(model.model.embed_tokens(torch.tensor(token_ids)))
+        keys = layer.self_attn.k_proj(hidden).view(len(token_ids), -1, head_dim)
+        cos, sin = _rope_cos_sin(torch.arange(len(token_ids)), head_dim, theta)
+        return _rotate(keys, cos, sin)
+
+
+def relative_error(resident, fresh) -> float:
+    return float(((resident - fresh).norm(dim=-1) / fresh.norm(dim=-1)).max())
+
+
+def perplexity(nll: list[float]) -> float:
+    return math.exp(sum(nll) / len(nll))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=1_048_576)
+    parser.add_argument("--sinks", type=int, default=4)
+    parser.add_argument("--window", type=int, default=1020)
+    parser.add_argument("--chunk", type=int, default=1024)
+    parser.add_argument("--offset", type=int, default=2048, help="passage start in the text")
+    parser.add_argument("--passage", type=int, default=8192)
+    parser.add_argument("--name", default=None)
+    args = parser.parse_args()
+
+    from transformers import AutoTokenizer
+
+    text = AutoTokenizer.from_pretrained(MODEL)(TEXT.read_text())["input_ids"]
+    period = len(text)
+    tokens = (text * (args.tokens // period + 1))[: args.tokens]
+
+    # Noise floor: a stream shorter than sinks + window never re-rotates a key.
+    short = tokens[: args.sinks + args.window - 1]
+    _, keys, cached, _ = stream_and_capture(short, args.sinks, args.window, args.chunk)
+    floor = relative_error(keys, fresh_layer0_keys(cached))
+    print(f"no eviction: layer-0 key relative error {floor:.2e}", flush=True)
+
+    nll, keys, cached, seconds = stream_and_capture(tokens, args.sinks, args.window, args.chunk)
+    drift = relative_error(keys, fresh_layer0_keys(cached))
+    last_pass = (args.tokens - args.offset - args.passage) // period * period
+    first = slice(args.offset - 1, args.offset - 1 + args.passage)  # nll[i] is token i+1
+    last = slice(last_pass + first.start, last_pass + first.stop)
+    assert tokens[first.start + 1 : first.stop + 1] == tokens[last.start + 1 : last.stop + 1]
+    result = {
+        "model": MODEL.name,
+        "tokens": args.tokens,
+        "sinks": args.sinks,
+        "window": args.window,
+        "prefill_chunk": args.chunk,
+        "seconds": round(seconds),
+        "resident_tokens": len(cached),
+        "key_relative_error_after_stream": drift,
+        "key_relative_error_without_eviction": floor,
+        "passage": {"offset": args.offset, "tokens": args.passage, "text_period": period},
+        "perplexity_first_pass": perplexity(nll[first]),
+        "perplexity_last_pass": perplexity(nll[last]),
+        "last_pass_starts_at": last_pass,
+    }
+    print(json.dumps(result, indent=1))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = args.name or f"drift_smollm2_{args.tokens}"
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
