@@ -24,18 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
-from pathlib import Path
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
-MODEL = REPO / "models" / "SmolLM2-135M-Instruct"
-TEXT = REPO / "data" / "debian-handbook.txt"
+from common import MODEL, REPO, RESULTS, TEXT, shutdown
 
 
 def stream_and_capture(tokens: list[int], sinks: int, window: int, chunk: int):
@@ -81,16 +73,6 @@ def stream_and_capture(tokens: list[int], sinks: int, window: int, chunk: int):
     cached_tokens = tokens[:sinks] + tokens[evicted * policy.block_size + sinks :]
     assert len(cached_tokens) == resident
     return nll, keys[:resident], cached_tokens, seconds
-
-
-def shutdown(llm) -> None:
-    import gc
-
-    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-
-    llm.llm_engine.engine_core.shutdown()
-    gc.collect()
-    cleanup_dist_env_and_memory()
 
 
 def fresh_layer0_keys(token_ids: list[int]):

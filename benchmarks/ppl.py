@@ -29,7 +29,6 @@ Writes ``results/<name>.json`` and a plot ``results/<name>.png``.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
@@ -38,13 +37,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+from common import MODEL, REPO, RESULTS, TEXT, shutdown
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
-MODEL = REPO / "models" / "SmolLM2-135M-Instruct"
-TEXT = REPO / "data" / "debian-handbook.txt"
 CONTEXT = 8192
 SINKS = 4
 SEGMENT = 1024
@@ -67,7 +61,6 @@ def text_tokens(count: int) -> list[int]:
 def vllm_nll(tokens: list[int], **engine_kwargs) -> list[float]:
     """Negative log-likelihood of ``tokens[1:]`` from one vLLM engine, one prompt."""
     from vllm import LLM, SamplingParams
-    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
     engine_kwargs.setdefault("max_num_batched_tokens", 1024)
     llm = LLM(str(MODEL), dtype="float32", enforce_eager=True, **engine_kwargs)
@@ -76,10 +69,7 @@ def vllm_nll(tokens: list[int], **engine_kwargs) -> list[float]:
         out = llm.generate([{"prompt_token_ids": tokens}], params, use_tqdm=False)[0]
         return [-d[t].logprob for d, t in zip(out.prompt_logprobs[1:], tokens[1:])]
     finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
-        cleanup_dist_env_and_memory()
+        shutdown(llm)
 
 
 def streaming(sinks: int, window: int, chunk: int) -> dict:
