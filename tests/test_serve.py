@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import requests
+from reference import evicted_tokens
 from serve_helpers import vllm_serve
 
 pytestmark = pytest.mark.engine
@@ -18,11 +19,6 @@ def server(smollm2, tmp_path_factory):
              "--max-num-batched-tokens", "1024"]  # fmt: skip
     with vllm_serve(smollm2, flags, log) as server:
         yield server
-
-
-def evicted_blocks(num_tokens: int) -> int:
-    """Window blocks a stream has stopped attending (the paper's rule, in whole blocks)."""
-    return max(0, (num_tokens + 1 - SINKS - WINDOW) // BLOCK)
 
 
 def test_startup_logs_the_streaming_settings(server):
@@ -56,7 +52,7 @@ def test_completion_longer_than_the_context(server, handbook_tokens):
     # newest (it refills the head block) and those freed with the request.
     metrics = server.metrics()
     last_step_starts = (prompt_tokens + 16 - 2, prompt_tokens + 16 - 1)
-    expected = {evicted_blocks(n) - 1 for n in last_step_starts}
+    expected = {evicted_tokens(n, SINKS, WINDOW, BLOCK) // BLOCK - 1 for n in last_step_starts}
     assert metrics["vllm_sink:evicted_blocks_total"] - evicted_before in expected
     assert metrics["vllm_sink:streams"] == 0
     assert metrics["vllm:kv_cache_usage_perc"] == 0

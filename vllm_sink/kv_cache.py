@@ -137,20 +137,17 @@ class StreamingSinkManager(SingleTypeKVCacheManager):
         if self._board is None:
             return
         self._published_at = time.monotonic()
-        resident_tokens = [
-            n - self.policy.evicted_blocks(n) * self.policy.block_size
-            for n in self._stream_tokens.values()
-        ]
+        lengths = list(self._stream_tokens.values())
+        evicted = [self.policy.evicted_blocks(n) for n in lengths]
+        resident_tokens = [n - e * self.policy.block_size for n, e in zip(lengths, evicted)]
         self._board.publish(
-            streams=len(self._stream_tokens),
-            streams_evicting=sum(
-                self.policy.evicted_blocks(n) > 0 for n in self._stream_tokens.values()
-            ),
+            streams=len(lengths),
+            streams_evicting=sum(e > 0 for e in evicted),
             evicted_blocks=self.num_evicted_blocks,
             resident_blocks=sum(self.resident_blocks(r) for r in self._stream_tokens),
             resident_tokens=sum(resident_tokens),
             max_resident_tokens=max(resident_tokens, default=0),
-            longest_stream_tokens=max(self._stream_tokens.values(), default=0),
+            longest_stream_tokens=max(lengths, default=0),
             blocks_per_stream_limit=self.policy.max_resident_blocks,
         )
 
