@@ -17,6 +17,13 @@ MODEL = REPO / "models" / "SmolLM2-135M-Instruct"
 TEXT = REPO / "data" / "debian-handbook.txt"
 
 
+def handbook_tokens() -> list[int]:
+    """The whole Debian handbook text (set-up's ``data/``), in SmolLM2's tokens."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(MODEL)(TEXT.read_text())["input_ids"]
+
+
 def shutdown(llm) -> None:
     """Stop an in-process engine so that the next one can start in this process."""
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory

@@ -27,7 +27,7 @@ import math
 import sys
 import time
 
-from common import MODEL, REPO, RESULTS, TEXT, shutdown
+from common import MODEL, REPO, RESULTS, handbook_tokens, shutdown
 
 
 def stream_and_capture(tokens: list[int], sinks: int, window: int, chunk: int):
@@ -115,9 +115,7 @@ def main() -> None:
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
 
-    from transformers import AutoTokenizer
-
-    text = AutoTokenizer.from_pretrained(MODEL)(TEXT.read_text())["input_ids"]
+    text = handbook_tokens()
     period = len(text)
     tokens = (text * (args.tokens // period + 1))[: args.tokens]
 

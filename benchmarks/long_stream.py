@@ -17,11 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
+from common import MODEL, REPO, RESULTS, TEXT
 
 
 def main() -> None:
@@ -51,13 +47,9 @@ def main() -> None:
     else:
         from transformers import AutoTokenizer
 
-        model = (
-            str(REPO / "models" / "SmolLM2-135M-Instruct")
-            if args.model == "smollm2"
-            else args.model
-        )
+        model = str(MODEL) if args.model == "smollm2" else args.model
         tokenizer = AutoTokenizer.from_pretrained(model)
-        text = (REPO / "data" / "debian-handbook.txt").read_text()
+        text = TEXT.read_text()
         ids: list[int] = []
         while len(ids) < max(args.prompt, 1):  # repeat the text if the prompt is longer
             ids += tokenizer(text)["input_ids"]

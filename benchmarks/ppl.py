@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from common import MODEL, REPO, RESULTS, TEXT, shutdown
+from common import MODEL, REPO, RESULTS, TEXT, handbook_tokens, shutdown
 
 CONTEXT = 8192
 SINKS = 4
@@ -49,10 +49,7 @@ from reference import StreamingLlamaReference, recompute_nll, window_starts  # n
 
 
 def text_tokens(count: int) -> list[int]:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(MODEL)
-    tokens = tokenizer(TEXT.read_text())["input_ids"]
+    tokens = handbook_tokens()
     if len(tokens) < count:
         raise SystemExit(f"{TEXT} has {len(tokens)} tokens; asked for {count}")
     return tokens[:count]
