@@ -6,6 +6,8 @@ engine, sampling the stream's resident KV blocks and the process RSS every
 
     .venv/bin/python benchmarks/long_stream.py --model tiny --generate 100000
     .venv/bin/python benchmarks/long_stream.py --prompt 50000 --generate 100
+
+No ``max_model_len`` is set: with streaming on, streams have no length limit.
 """
 
 from __future__ import annotations
@@ -60,7 +62,6 @@ def main() -> None:
         dtype="float32",
         enforce_eager=True,
         max_num_batched_tokens=args.chunk,
-        max_model_len=max(total + 16, 2048),
         skip_tokenizer_init=args.model == "tiny",
         additional_config={"streaming_sinks": args.sinks, "streaming_window": args.window},
     )
@@ -70,8 +71,9 @@ def main() -> None:
     params = SamplingParams(
         max_tokens=args.generate, temperature=0.8, ignore_eos=True, detokenize=args.model != "tiny"
     )
-    engine.add_request("stream", {"prompt_token_ids": prompt}, params)
     process = psutil.Process()
+    rss_before_mb = process.memory_info().rss / 2**20
+    engine.add_request("stream", {"prompt_token_ids": prompt}, params)
     samples, next_sample = [], 0
     start = time.time()
     with tqdm(total=total, unit="tok", desc="stream") as bar:
@@ -105,6 +107,10 @@ def main() -> None:
         "kv_block_bound": manager.policy.max_resident_blocks,
         "evicted_blocks": manager.num_evicted_blocks,
         "wall_seconds": round(time.time() - start, 1),
+        "rss_before_request_mb": round(rss_before_mb, 1),
+        "rss_growth_bytes_per_token": round(
+            (samples[-1]["rss_mb"] - rss_before_mb) * 2**20 / samples[-1]["tokens"], 1
+        ),
         "threads": "VLLM_CPU_OMP_THREADS_BIND="
         + os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
         "samples": samples,

@@ -7,38 +7,16 @@ comparison side is ours (``tests/reference.py``).
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
+from engine_helpers import kv_manager, random_prompt, streaming, tiny_streaming_engine
 from reference import StreamingLlamaReference, window_starts
 from vllm import SamplingParams
 
 pytestmark = pytest.mark.engine
 
 FP32_TOLERANCE = 1e-3  # per-token logprob, float32 engine vs float32 reference
-
-
-def streaming(sinks: int, window: int) -> dict:
-    return {"additional_config": {"streaming_sinks": sinks, "streaming_window": window}}
-
-
-def tiny_streaming_engine(engine_factory, model, sinks, window, block, chunk, **extra):
-    """A float32 streaming engine on the tiny Llama (token ids in, no tokenizer)."""
-    return engine_factory(
-        model,
-        dtype="float32",
-        block_size=block,
-        max_num_batched_tokens=chunk,
-        skip_tokenizer_init=True,
-        **streaming(sinks, window),
-        **extra,
-    )
-
-
-def random_prompt(length: int, seed: int, vocab: int = 500) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(3, vocab) for _ in range(length)]
 
 
 def greedy(max_tokens: int) -> SamplingParams:
@@ -70,11 +48,6 @@ def reference_logprobs(ref, tokens, sinks, window, block, prompt_len, chunk) -> 
     starts = window_starts(len(tokens), sinks, window, block, prompt_len=prompt_len, chunk=chunk)
     table = ref.logprobs(tokens, sinks, starts)
     return table[torch.arange(len(tokens) - 1), torch.tensor(tokens[1:])]
-
-
-def kv_manager(llm):
-    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
-    return scheduler.kv_cache_manager.coordinator.single_type_managers[0]
 
 
 def test_before_first_eviction_streaming_changes_nothing(tiny_llama, engine_factory):

@@ -7,7 +7,13 @@ import json
 import pytest
 from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
 
-from vllm_sink.config import StreamingConfigError, StreamingSettings
+from vllm_sink.config import (
+    UNLIMITED_STREAM_LEN,
+    StreamingConfigError,
+    StreamingSettings,
+    policy_from_vllm_config,
+)
+from vllm_sink.worker import worker_config
 
 
 def parse_serve_args(argv: list[str]):
@@ -131,7 +137,19 @@ def test_streaming_settings_shape_the_engine_config(tiny_llama):
     )
     assert config.parallel_config.worker_cls == "vllm_sink.worker.StreamingCPUWorker"
     assert config.cache_config.enable_prefix_caching is False
-    assert config.model_config.max_model_len > 2048  # past the model's context
+    # No stream length limit; the worker sees sequences as long as the cache.
+    assert config.model_config.max_model_len == UNLIMITED_STREAM_LEN
+    worker_side = worker_config(config)
+    assert worker_side.model_config.max_model_len == policy_from_vllm_config(config).view_width
+    assert config.model_config.max_model_len == UNLIMITED_STREAM_LEN
+    assert worker_side.cache_config is config.cache_config
+
+
+def test_max_model_len_still_caps_streams_when_given(tiny_llama):
+    config = engine_config(
+        tiny_llama, additional_config={"streaming_sinks": 4}, max_model_len=100_000
+    )
+    assert config.model_config.max_model_len == 100_000
 
 
 def test_streaming_off_leaves_vllm_untouched(tiny_llama):

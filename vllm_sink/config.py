@@ -24,12 +24,12 @@ DEFAULT_SINKS = 4
 """The paper's choice: four initial tokens recover window attention's perplexity."""
 DEFAULT_WINDOW = 1020
 """The paper's main setting (4 sinks + 1020 recent tokens, a 1024-token cache)."""
-DEFAULT_MAX_STREAM_LEN = 1 << 18
-"""Stream length cap used when the user gives no ``--max-model-len``.
+UNLIMITED_STREAM_LEN = 2**53 - 1
+"""``max_model_len`` when the user gives none: streams have no length limit.
 
-vLLM sizes some per-request host buffers by ``max_model_len`` (about 5 bytes per
-token per ``max_num_seqs`` slot), so the cap is finite; raise it with
-``--max-model-len``.
+The worker holds each stream in its compact view, so nothing is sized by this
+number; it only has to be larger than any stream will ever be (and stay exact
+in JSON, where ``/v1/models`` reports it).
 """
 
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from vllm.logger import init_logger
 
 from vllm_sink.config import (
-    DEFAULT_MAX_STREAM_LEN,
+    UNLIMITED_STREAM_LEN,
     StreamingConfigError,
     policy_from_vllm_config,
 )
@@ -109,7 +109,7 @@ def prepare_engine_args(args: EngineArgs) -> None:
     logger.info("vllm-sink: prefix caching is off for streams")
     args.enable_prefix_caching = False
     if args.max_model_len is None:
-        args.max_model_len = DEFAULT_MAX_STREAM_LEN
+        args.max_model_len = UNLIMITED_STREAM_LEN
 
 
 @contextlib.contextmanager
@@ -220,8 +220,7 @@ def check_engine_config(config: VllmConfig) -> None:
     logger.info(
         "vllm-sink: streaming on: %d sinks + a window of %d tokens (+ up to %d while "
         "decoding, %d with %d-token prefill chunks), block size %d, at most %d KV "
-        "blocks per stream, RoPE positions < %d; streams may reach %d tokens "
-        "(--max-model-len)",
+        "blocks per stream, RoPE positions < %d; %s",
         policy.sinks,
         policy.window,
         policy.max_decode_window_slack,
@@ -230,5 +229,7 @@ def check_engine_config(config: VllmConfig) -> None:
         policy.block_size,
         policy.max_resident_blocks,
         policy.max_position + 1,
-        model.max_model_len,
+        "streams have no length limit"
+        if model.max_model_len >= UNLIMITED_STREAM_LEN
+        else f"streams stop at {model.max_model_len} tokens (--max-model-len)",
     )

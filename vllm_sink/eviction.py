@@ -40,23 +40,28 @@ class EvictionPlan:
     def add(
         self,
         policy: SinkWindowPolicy,
-        block_row: list[int] | torch.Tensor,
+        view_row: list[int] | torch.Tensor,
         num_computed_tokens: int,
-        evicted_before: int,
+        shift_before: int,
     ) -> int:
-        """Plan one request's eviction; returns its new evicted-block count."""
-        evicted = policy.evicted_blocks(num_computed_tokens)
-        if evicted <= evicted_before:
-            return evicted_before
-        delta = (evicted - evicted_before) * policy.block_size
-        last_computed_block = (num_computed_tokens - 1) // policy.block_size
-        self.head_blocks.append(int(block_row[0]))
-        self.tail_source_blocks.append(int(block_row[evicted]))
-        self.tail_deltas.append(delta)
-        kept = [int(b) for b in block_row[evicted + 1 : last_computed_block + 1]]
+        """Plan one stream's eviction; returns its new shift (evicted tokens).
+
+        ``view_row`` is the stream's compact block row *before* this eviction:
+        ``[head, first window block, ...]``, block ``c >= 1`` holding absolute
+        block ``c + shift_before / bs``.
+        """
+        shift = policy.position_shift(num_computed_tokens)
+        if shift <= shift_before:
+            return shift_before
+        dropped = (shift - shift_before) // policy.block_size
+        last_computed = (num_computed_tokens - shift_before - 1) // policy.block_size
+        self.head_blocks.append(int(view_row[0]))
+        self.tail_source_blocks.append(int(view_row[dropped]))
+        self.tail_deltas.append(shift - shift_before)
+        kept = [int(b) for b in view_row[dropped + 1 : last_computed + 1]]
         self.window_blocks.extend(kept)
-        self.window_deltas.extend([delta] * len(kept))
-        return evicted
+        self.window_deltas.extend([shift - shift_before] * len(kept))
+        return shift
 
 
 def apply_eviction_plan(

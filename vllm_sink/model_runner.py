@@ -1,40 +1,49 @@
-"""Worker side: evictions in the cache and positions within the cache.
+"""Worker side: evictions in the cache, and each stream kept in its compact view.
 
-A mixin over vLLM's V1 model runner. It keeps vLLM's own bookkeeping
-untouched (absolute token counts, append-only block rows, slot mapping) and
-adds three things:
+A mixin over vLLM's V1 model runner. vLLM's scheduler counts a stream's tokens
+from its start; the runner keeps each stream as its cache holds it
+(:mod:`vllm_sink.stream_view`): sinks, then the resident window, renumbered
+without the evicted gap. vLLM's own input preparation then gives every token
+its position in the cache, the kernel the compact block row and the cached
+length, and every per-request buffer stays as small as the cache:
 
-* before each step's inputs are prepared, the evictions the policy calls for
-  are carried out in the KV cache (see :mod:`vllm_sink.eviction`);
-* after they are prepared, each token's RoPE position is moved from its place
-  in the text to its place in the cache;
-* each attention layer's backend gets the compacting metadata builder
-  (:mod:`vllm_sink.attention`), and each layer's spec becomes a
-  :class:`~vllm_sink.kv_cache.StreamingSinkSpec`.
+* before each step (before vLLM applies the scheduler's update, so that a
+  row never holds more than the cache), the evictions the policy calls for
+  are carried out in the KV cache (see :mod:`vllm_sink.eviction`) and each
+  stream's view moves on: block row, token row, computed count and the
+  output tokens kept for penalties;
+* the persistent batch writes new and re-added requests in their view
+  (:mod:`vllm_sink.input_batch`); its rows are ``view_width`` tokens wide
+  because the worker's config says so (:mod:`vllm_sink.worker`);
+* ``min_tokens`` is counted over the whole stream (:mod:`vllm_sink.min_tokens`);
+* each layer's spec becomes a :class:`~vllm_sink.kv_cache.StreamingSinkSpec`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from vllm.config import get_layers_from_vllm_config
 from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import Attention
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 
-from vllm_sink.attention import streaming_backend
 from vllm_sink.config import policy_from_vllm_config
 from vllm_sink.cpu_kv_layout import PagedKV, PageLayout
 from vllm_sink.eviction import EvictionPlan, apply_eviction_plan
+from vllm_sink.input_batch import StreamingInputBatch
 from vllm_sink.kv_cache import StreamingSinkSpec
+from vllm_sink.min_tokens import StreamMinTokens
 from vllm_sink.policy import SinkWindowPolicy
 from vllm_sink.rerotation import RopeDeltas
+from vllm_sink.stream_view import StreamView
 
 if TYPE_CHECKING:
-    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
 
 logger = init_logger("vllm.vllm_sink")
 
@@ -109,14 +118,28 @@ class StreamingModelRunnerMixin:
                 )
             if layer.impl.alibi_slopes is not None:
                 raise UnsupportedModelError("vllm-sink does not support ALiBi models yet")
-            layer.attn_backend = streaming_backend(backend)
         rotary = find_rotary_modules(self.get_model(), set(layers))
         deltas = {id(m): RopeDeltas.from_rotary_module(m) for m in rotary.values()}
         self._streaming_ropes = {name: deltas[id(m)] for name, m in rotary.items()}
-        self._streaming_evicted: dict[str, int] = {}
+        self._stream_shifts: dict[str, int] = {}
+        self._min_tokens: dict[str, tuple[int, Collection[int]]] = {}
+        """Streams whose stop tokens are masked until they have this many outputs."""
 
     def initialize_kv_cache(self, kv_cache_config, *args, **kwargs) -> None:
         super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
+        policy = self.streaming_policy
+        width = self.input_batch.token_ids_cpu.shape[1]
+        if width != policy.view_width:
+            raise RuntimeError(
+                f"vllm-sink: the worker's token rows are {width} wide, not the cache's "
+                f"{policy.view_width}: the runner was not built by StreamingCPUWorker"
+            )
+        self.input_batch.__class__ = StreamingInputBatch
+        self.input_batch.stream_shifts = self._stream_shifts
+        self.input_batch.sinks = policy.sinks
+        self.input_batch.logitsprocs.non_argmax_invariant.append(
+            StreamMinTokens(self._rows_below_min_tokens)
+        )
         layers = get_layers_from_vllm_config(self.vllm_config, Attention)
         spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
         layout = None
@@ -134,7 +157,6 @@ class StreamingModelRunnerMixin:
                     self._streaming_ropes[name],
                 )
             )
-        policy = self.streaming_policy
         per_stream = policy.max_resident_blocks * spec.page_size_bytes * len(layers)
         logger.info(
             "vllm-sink: KV memory per stream at most %.1f MiB (%d blocks); the pool of %d "
@@ -147,33 +169,114 @@ class StreamingModelRunnerMixin:
 
     # -------------------------------------------------------------- every step
     def _update_states(self, scheduler_output: SchedulerOutput):
-        evicted = self._streaming_evicted
+        shifts = self._stream_shifts
         for req_id in scheduler_output.finished_req_ids:
-            evicted.pop(req_id, None)
+            shifts.pop(req_id, None)
+            self._min_tokens.pop(req_id, None)
         for new_req in scheduler_output.scheduled_new_reqs:
-            evicted[new_req.req_id] = 0
-        for req_id in scheduler_output.scheduled_cached_reqs.resumed_req_ids:
-            evicted[req_id] = 0  # a resumed request recomputes into fresh blocks
-        return super()._update_states(scheduler_output)
+            shifts[new_req.req_id] = 0
+            params = new_req.sampling_params
+            if params is not None and params.min_tokens:
+                self._min_tokens[new_req.req_id] = (params.min_tokens, params.all_stop_token_ids)
+        # Evict before vLLM appends this step's new blocks to the rows: a row
+        # then never holds more than the cache.
+        moved = self._evict(scheduler_output.scheduled_cached_reqs)
+        result = super()._update_states(scheduler_output)
+        batch = self.input_batch
+        for i, req_id in enumerate(batch.req_ids[: batch.num_reqs]):
+            computed = self.requests[req_id].num_computed_tokens
+            batch.num_computed_tokens_cpu[i] = computed - shifts[req_id]
+        if moved and not batch.no_penalties:
+            # Penalties read prompt tokens from the rows that moved.
+            batch.sampling_metadata = batch._make_sampling_metadata()
+        return result
 
-    def _prepare_inputs(self, scheduler_output: SchedulerOutput, num_scheduled_tokens: np.ndarray):
-        policy = self.streaming_policy
-        num_reqs = self.input_batch.num_reqs
-        computed = self.input_batch.num_computed_tokens_cpu[:num_reqs]
-        self._evict(policy, computed)
-        shift = policy.evicted_blocks_array(computed.astype(np.int64)) * policy.block_size
-        outputs = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
-        if shift.any():
-            total = scheduler_output.total_num_scheduled_tokens
-            token_shift = shift[self.req_indices.np[:total]]
-            self.positions[:total] -= torch.from_numpy(token_shift).to(self.positions.device)
-        return outputs
-
-    def _evict(self, policy: SinkWindowPolicy, computed: np.ndarray) -> None:
+    def _evict(self, cached: CachedRequestData) -> bool:
+        """Carry out this step's evictions and move each stream's view along."""
+        policy, shifts = self.streaming_policy, self._stream_shifts
         plan = EvictionPlan()
-        rows = self.input_batch.block_table[0].block_table.np
-        evicted = self._streaming_evicted
-        for i, req_id in enumerate(self.input_batch.req_ids[: len(computed)]):
-            evicted[req_id] = plan.add(policy, rows[i], int(computed[i]), evicted.get(req_id, 0))
+        moved: list[tuple[str, int]] = []
+        for req_id, computed in zip(cached.req_ids, cached.num_computed_tokens):
+            if req_id in cached.resumed_req_ids:
+                self._restart_view(req_id, cached.all_token_ids)
+                continue
+            before = shifts[req_id]
+            shifts[req_id] = plan.add(policy, self.requests[req_id].block_ids[0], computed, before)
+            if shifts[req_id] != before:
+                moved.append((req_id, before))
         if plan:
             apply_eviction_plan(plan, self._streaming_layers, policy)
+        for req_id, before in moved:
+            self._move_view(req_id, before)
+        return bool(moved)
+
+    def _restart_view(self, req_id: str, all_token_ids: Mapping[str, list[int]]) -> None:
+        """A preempted stream recomputes its whole history into fresh blocks.
+
+        Its kept output list lost the evicted outputs, so the history the
+        scheduler resends becomes the worker's prompt for the recomputation.
+        """
+        history = all_token_ids.get(req_id)
+        if history is None:
+            raise RuntimeError(f"vllm-sink: no token history sent for resumed stream {req_id}")
+        state = self.requests[req_id]
+        assert state.prompt_token_ids is not None
+        if req_id in self._min_tokens:  # outputs become prompt: count them as made
+            minimum, stop_token_ids = self._min_tokens[req_id]
+            made = len(history) - len(state.prompt_token_ids)
+            self._min_tokens[req_id] = (minimum - made, stop_token_ids)
+        state.prompt_token_ids = list(history)
+        state.num_prompt_tokens = len(history)
+        state.output_token_ids.clear()
+        self._stream_shifts[req_id] = 0
+
+    def _move_view(self, req_id: str, shift_before: int) -> None:
+        """Drop the evicted blocks and tokens from the stream's state and batch row."""
+        policy, batch, state = self.streaming_policy, self.input_batch, self.requests[req_id]
+        view = self._view(req_id)
+        before = dataclasses.replace(view, shift=shift_before)
+
+        dropped_blocks = (view.shift - before.shift) // policy.block_size
+        del state.block_ids[0][1 : 1 + dropped_blocks]
+        newly_dropped = view.dropped_outputs - before.dropped_outputs
+        first = view.first_droppable_output
+        del state.output_token_ids[first : first + newly_dropped]
+        state.num_prompt_tokens = view.resident_prompt_len
+
+        i = batch.req_id_to_index.get(req_id)
+        if i is None:
+            return  # not in the batch: it is added back from ``state``
+        blocks = batch.block_table[0]
+        held_blocks = len(state.block_ids[0])
+        blocks.block_table.np[i, :held_blocks] = state.block_ids[0]
+        blocks.block_table.np[i, held_blocks : blocks.num_blocks_per_row[i]] = 0
+        blocks.num_blocks_per_row[i] = held_blocks
+
+        width = batch.token_ids_cpu.shape[1]
+        held = min(view.resident_prompt_len + len(state.output_token_ids), width)
+        tokens = view.tokens(state.prompt_token_ids, state.output_token_ids, view.sinks, held)
+        batch.token_ids_cpu[i, view.sinks : held] = tokens
+        batch.is_token_ids[i, :held] = True
+        batch.num_prompt_tokens[i] = min(view.resident_prompt_len, width)
+        batch.num_tokens_no_spec[i] = held
+
+    def _view(self, req_id: str) -> StreamView:
+        prompt = self.requests[req_id].prompt_token_ids
+        assert prompt is not None, "streams take token prompts"
+        return StreamView(self.streaming_policy.sinks, self._stream_shifts[req_id], len(prompt))
+
+    def _rows_below_min_tokens(self) -> list[tuple[int, Collection[int]]]:
+        """Batch rows whose stop tokens stay masked, with those tokens."""
+        rows, done = [], []
+        for req_id, (minimum, stop_token_ids) in self._min_tokens.items():
+            i = self.input_batch.req_id_to_index.get(req_id)
+            if i is None:
+                continue
+            outputs = self.requests[req_id].output_token_ids
+            if len(outputs) + self._view(req_id).dropped_outputs < minimum:
+                rows.append((i, stop_token_ids))
+            else:
+                done.append(req_id)
+        for req_id in done:
+            del self._min_tokens[req_id]
+        return rows

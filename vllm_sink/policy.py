@@ -34,12 +34,6 @@ position ``n``) then attends ``S`` sinks plus ``W .. W + bs - 1`` recent tokens
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TypeVar
-
-import numpy as np
-import torch
-
-ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -80,11 +74,6 @@ class SinkWindowPolicy:
         spare = num_computed_tokens + 1 - self.sinks - self.window
         return max(0, spare // self.block_size)
 
-    def evicted_blocks_array(self, num_computed_tokens: ArrayT) -> ArrayT:
-        """:meth:`evicted_blocks` for a numpy array or torch tensor of requests."""
-        spare = num_computed_tokens + 1 - self.sinks - self.window
-        return spare.clip(min=0) // self.block_size
-
     def freeable_block_range(self, num_computed_tokens: int) -> tuple[int, int]:
         """Request block indices ``[first, last)`` the scheduler may free.
 
@@ -114,6 +103,11 @@ class SinkWindowPolicy:
         return self.sinks + self.window + self.block_size + self.max_chunk_tokens - 2
 
     @property
+    def view_width(self) -> int:
+        """Tokens the worker keeps per stream: the cache plus the token just sampled."""
+        return self.max_cached_tokens + 1
+
+    @property
     def max_position(self) -> int:
         """The largest RoPE position any token or key is given."""
         return self.max_cached_tokens - 1
@@ -127,11 +121,6 @@ class SinkWindowPolicy:
     def max_decode_window_slack(self) -> int:
         """Most tokens above W that a decoding query attends."""
         return self.block_size - 1
-
-    @property
-    def max_compact_blocks(self) -> int:
-        """Columns of the compact block table handed to the kernel."""
-        return _cdiv(self.max_cached_tokens, self.block_size)
 
     @property
     def max_resident_blocks(self) -> int:

@@ -2,17 +2,42 @@
 
 from __future__ import annotations
 
+import copy
+from typing import TYPE_CHECKING
+
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
+from vllm_sink.config import policy_from_vllm_config
 from vllm_sink.model_runner import StreamingModelRunnerMixin
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
 
 
 class StreamingCPUModelRunner(StreamingModelRunnerMixin, CPUModelRunner):
     """vLLM's CPU model runner with sink + window streaming."""
 
 
+def worker_config(vllm_config: VllmConfig) -> VllmConfig:
+    """The engine's config as the worker should see it: sequences as long as the cache.
+
+    The scheduler's ``max_model_len`` is the stream length limit; the worker
+    only ever holds a stream's compact view, so every buffer vLLM sizes by
+    ``max_model_len`` (token rows, block-table rows) is sized by the cache
+    instead. A shallow copy: the engine core may share the original object
+    (in-process engines) and must keep the stream limit.
+    """
+    config = copy.copy(vllm_config)
+    config.model_config = copy.copy(vllm_config.model_config)
+    config.model_config.max_model_len = policy_from_vllm_config(vllm_config).view_width
+    return config
+
+
 class StreamingCPUWorker(CPUWorker):
+    def __init__(self, vllm_config: VllmConfig, *args, **kwargs) -> None:
+        super().__init__(worker_config(vllm_config), *args, **kwargs)
+
     def init_device(self) -> None:
         if self.use_v2_model_runner:
             raise RuntimeError(

@@ -1,0 +1,32 @@
+"""Engines and inputs shared by the engine tests."""
+
+from __future__ import annotations
+
+import random
+
+
+def streaming(sinks: int, window: int) -> dict:
+    return {"additional_config": {"streaming_sinks": sinks, "streaming_window": window}}
+
+
+def tiny_streaming_engine(engine_factory, model, sinks, window, block, chunk, **extra):
+    """A float32 streaming engine on the tiny Llama (token ids in, no tokenizer)."""
+    return engine_factory(
+        model,
+        dtype="float32",
+        block_size=block,
+        max_num_batched_tokens=chunk,
+        skip_tokenizer_init=True,
+        **streaming(sinks, window),
+        **extra,
+    )
+
+
+def random_prompt(length: int, seed: int, vocab: int = 500) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, vocab) for _ in range(length)]
+
+
+def kv_manager(llm):
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    return scheduler.kv_cache_manager.coordinator.single_type_managers[0]
