@@ -4,12 +4,13 @@ Streams ``--tokens`` tokens of the Debian handbook (repeated) as one prompt
 through SmolLM2 (fp32, in-process engine, 4 + 1020 by default) and then checks:
 
 * **keys**: the layer-0 keys resident in the cache when the stream ends (sinks
-  plus the window, each window key re-rotated at every eviction of its life)
-  against keys computed afresh for the same tokens at the same cache positions
-  (layer 0's keys depend only on the token and its position: embedding, norm,
-  ``k_proj``, RoPE). Reported as the largest relative error per key vector,
-  next to the same figure for a short stream that never evicts (the noise floor
-  between vLLM's and transformers' kernels);
+  moved at every eviction of the stream, window keys re-rotated whenever the
+  stream's RoPE offset wrapped around) against keys computed afresh for the
+  same tokens at the same RoPE positions (layer 0's keys depend only on the
+  token and its position: embedding, norm, ``k_proj``, RoPE). Reported as the
+  largest relative error per key vector, next to the same figure for a short
+  stream that never evicts (the noise floor between vLLM's and transformers'
+  kernels);
 * **perplexity**: the same passage of the text (``--passage`` tokens from
   ``--offset`` into it) in the first and in the last full repetition of the
   text within the stream. The text is cut to a whole number of prefill chunks,
@@ -33,7 +34,7 @@ from common import MODEL, REPO, RESULTS, handbook_tokens, shutdown
 
 
 def stream_and_capture(tokens: list[int], sinks: int, window: int, chunk: int):
-    """Per-token NLL of the stream, and its layer-0 resident keys in cache order."""
+    """Per-token NLL, layer-0 resident keys in cache order, their tokens and RoPE offset."""
     import torch
     from vllm import LLM, SamplingParams
 
@@ -74,11 +75,12 @@ def stream_and_capture(tokens: list[int], sinks: int, window: int, chunk: int):
     resident = len(tokens) - evicted * policy.block_size
     cached_tokens = tokens[:sinks] + tokens[evicted * policy.block_size + sinks :]
     assert len(cached_tokens) == resident
-    return nll, keys[:resident], cached_tokens, seconds
+    offset = policy.rope_offset(evicted * policy.block_size, runner._rebase_period_blocks)
+    return nll, keys[:resident], cached_tokens, offset, seconds
 
 
-def fresh_layer0_keys(token_ids: list[int]):
-    """Layer-0 keys of ``token_ids`` at cache positions 0.., from transformers."""
+def fresh_layer0_keys(token_ids: list[int], offset: int):
+    """Layer-0 keys of ``token_ids`` at RoPE positions ``offset, offset + 1, ..``."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -94,7 +96,7 @@ def fresh_layer0_keys(token_ids: list[int]):
     with torch.no_grad():
         hidden = layer.input_layernorm(model.model.embed_tokens(torch.tensor(token_ids)))
         keys = layer.self_attn.k_proj(hidden).view(len(token_ids), -1, head_dim)
-        cos, sin = _rope_cos_sin(torch.arange(len(token_ids)), head_dim, theta)
+        cos, sin = _rope_cos_sin(torch.arange(len(token_ids)) + offset, head_dim, theta)
         return _rotate(keys, cos, sin)
 
 
@@ -128,12 +130,14 @@ def main() -> None:
 
     # Noise floor: a stream shorter than sinks + window never re-rotates a key.
     short = tokens[: args.sinks + args.window - 1]
-    _, keys, cached, _ = stream_and_capture(short, args.sinks, args.window, args.chunk)
-    floor = relative_error(keys, fresh_layer0_keys(cached))
+    _, keys, cached, offset, _ = stream_and_capture(short, args.sinks, args.window, args.chunk)
+    floor = relative_error(keys, fresh_layer0_keys(cached, offset))
     print(f"no eviction: layer-0 key relative error {floor:.2e}", flush=True)
 
-    nll, keys, cached, seconds = stream_and_capture(tokens, args.sinks, args.window, args.chunk)
-    drift = relative_error(keys, fresh_layer0_keys(cached))
+    nll, keys, cached, offset, seconds = stream_and_capture(
+        tokens, args.sinks, args.window, args.chunk
+    )
+    drift = relative_error(keys, fresh_layer0_keys(cached, offset))
     last_pass = (args.tokens - args.offset - args.passage) // period * period
     first = slice(args.offset - 1, args.offset - 1 + args.passage)  # nll[i] is token i+1
     last = slice(last_pass + first.start, last_pass + first.stop)
@@ -146,6 +150,7 @@ def main() -> None:
         "prefill_chunk": args.chunk,
         "seconds": round(seconds),
         "resident_tokens": len(cached),
+        "rope_offset_at_end": offset,
         "key_relative_error_after_stream": drift,
         "key_relative_error_without_eviction": floor,
         "passage": {"offset": args.offset, "tokens": args.passage, "text_period": period},

@@ -12,6 +12,7 @@ import pytest
 import torch
 from engine_helpers import kv_manager, random_prompt, streaming, tiny_streaming_engine
 from reference import StreamingLlamaReference, window_starts
+from tiny_llama import build_tiny_llama
 from vllm import SamplingParams
 
 pytestmark = pytest.mark.engine
@@ -64,22 +65,36 @@ def test_before_first_eviction_streaming_changes_nothing(tiny_llama, engine_fact
 
 
 @pytest.mark.parametrize(
-    "block,window,chunk,eager", [(32, 64, 96, True), (128, 128, 256, True), (32, 64, 96, False)]
+    "block,window,chunk,eager,rope_positions",
+    [
+        (32, 64, 96, True, None),
+        (128, 128, 256, True, None),
+        (32, 64, 96, False, None),
+        (32, 64, 96, True, 256),
+    ],
 )
 def test_tiny_llama_matches_reference_through_evictions(
-    tiny_llama, engine_factory, block, window, chunk, eager
+    tiny_llama, tmp_path, engine_factory, block, window, chunk, eager, rope_positions
 ):
     """Prompt streaming (evictions between prefill chunks), then decode streaming.
 
-    Also once with torch.compile (vLLM's default outside tests).
+    Also once with torch.compile (vLLM's default outside tests), and once with
+    a RoPE table so short that the streams' RoPE offset wraps around every two
+    evictions (the window re-rotated each time).
     """
     sinks, prompt_len, max_tokens = 4, 700, 300
+    model = tiny_llama
+    if rope_positions is not None:
+        model = build_tiny_llama(tmp_path / "short_rope", max_positions=rope_positions)
     llm = tiny_streaming_engine(
-        engine_factory, tiny_llama, sinks, window, block, chunk, enforce_eager=eager
+        engine_factory, model, sinks, window, block, chunk, enforce_eager=eager
     )
+    if rope_positions is not None:
+        runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker
+        assert runner.model_runner._rebase_period_blocks == 2
     prompt = random_prompt(prompt_len, seed=2)
     generated, logprobs = run(llm, prompt, max_tokens)
-    ref = StreamingLlamaReference(tiny_llama)
+    ref = StreamingLlamaReference(model)
     tokens = prompt + generated
     expected = reference_logprobs(ref, tokens, sinks, window, block, prompt_len, chunk)
     assert kv_manager(llm).num_evicted_blocks >= (len(tokens) - sinks - window) // block - 1

@@ -44,7 +44,7 @@ def test_rotating_back_equals_rope_at_the_earlier_position(rope_parameters, neox
     torch.manual_seed(0)
     keys = torch.randn(6, 3 * 64)
     positions = torch.tensor([5000, 4100, 300, 7000, 128, 2048])
-    shift = torch.tensor([4096, 4096, 256, 1, 128, 2000])
+    shift = torch.tensor([4096, 4096, 256, 1, -128, -2000])  # < 0: to a later position
     _, at_p = rope.forward_native(positions, keys.clone(), keys.clone())
     _, at_p_minus = rope.forward_native(positions - shift, keys.clone(), keys.clone())
     moved = deltas.rotate_back(at_p.view(6, 3, 64), shift).view(6, -1)

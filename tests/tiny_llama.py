@@ -9,7 +9,7 @@ import torch
 TINY_MAX_POSITIONS = 2048
 
 
-def build_tiny_llama(path: Path, seed: int = 0) -> Path:
+def build_tiny_llama(path: Path, seed: int = 0, max_positions: int = TINY_MAX_POSITIONS) -> Path:
     """Write a 2-layer Llama (4 query / 2 KV heads of 64 dims) to ``path``.
 
     Weights are larger than a trained model's init so that attention is far
@@ -28,7 +28,7 @@ def build_tiny_llama(path: Path, seed: int = 0) -> Path:
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=64,
-        max_position_embeddings=TINY_MAX_POSITIONS,
+        max_position_embeddings=max_positions,
         rope_theta=10000.0,
         initializer_range=0.08,
         tie_word_embeddings=False,

@@ -212,7 +212,7 @@ def check_engine_config(config: VllmConfig) -> None:
         raise StreamingConfigError(
             f"a streaming cache of {policy.sinks} sinks + {policy.window} window tokens, "
             f"with {policy.block_size}-token blocks and prefill chunks of up to "
-            f"{policy.max_chunk_tokens} tokens, reaches RoPE position {policy.max_position}, "
+            f"{policy.max_chunk_tokens} tokens, spans {policy.max_cached_tokens} positions, "
             f"past the {trained_positions(config)} positions {model.model} was trained on. Lower "
             + (" or ".join(fixes) if fixes else "--streaming-window and --max-num-batched-tokens")
             + "."
@@ -220,7 +220,7 @@ def check_engine_config(config: VllmConfig) -> None:
     logger.info(
         "vllm-sink: streaming on: %d sinks + a window of %d tokens (+ up to %d while "
         "decoding, %d with %d-token prefill chunks), block size %d, at most %d KV "
-        "blocks per stream, RoPE positions < %d; %s",
+        "blocks per stream, a cache of %d positions; %s",
         policy.sinks,
         policy.window,
         policy.max_decode_window_slack,
@@ -228,7 +228,7 @@ def check_engine_config(config: VllmConfig) -> None:
         policy.max_chunk_tokens,
         policy.block_size,
         policy.max_resident_blocks,
-        policy.max_position + 1,
+        policy.max_cached_tokens,
         "streams have no length limit"
         if model.max_model_len >= UNLIMITED_STREAM_LEN
         else f"streams stop at {model.max_model_len} tokens (--max-model-len)",

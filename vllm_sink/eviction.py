@@ -1,16 +1,21 @@
-"""Worker side of an eviction: refill the head block and re-rotate the window.
+"""Worker side of an eviction: refill the head block, move the sinks, rebase the window.
 
 When a stream's window slides by ``d`` tokens (whole blocks), before the step's
-forward pass:
+forward pass. Cache index ``i`` holds RoPE position ``i + offset`` (see
+:mod:`vllm_sink.policy`); the offset takes up most slides, so:
 
 * the tail of the newest evicted block (slots ``S .. bs-1``) is copied into the
-  head block, keys rotated by ``-d``: those are the tokens right before the new
-  first window block;
-* every computed window block that stays is rotated by ``-d`` in place.
+  head block: those are the tokens right before the new first window block,
+  at the same RoPE positions as before;
+* the sink keys (slots ``0 .. S-1``) move to the new offset. They are rotated
+  from the copy taken at the stream's first eviction, never from their last
+  rotation, so rounding does not build up over a stream's life;
+* only when the offset drops back (every ``R / bs`` evictions) are the window
+  blocks and the copied tail rotated, once, by the drop.
 
-Sink slots never move. The newest evicted block is still owned by the request
-(the scheduler frees it one eviction later), so the copy never reads a block
-that another request may already have written.
+The newest evicted block is still owned by the request (the scheduler frees it
+one eviction later), so the copy never reads a block that another request may
+already have written.
 """
 
 from __future__ import annotations
@@ -23,14 +28,21 @@ from vllm_sink.cpu_kv_layout import PagedKV
 from vllm_sink.policy import SinkWindowPolicy
 from vllm_sink.rerotation import RopeDeltas
 
+Layers = list[tuple[PagedKV, PagedKV, RopeDeltas]]
+
 
 @dataclass
 class EvictionPlan:
     """All evictions of one step, batched across requests."""
 
+    period_blocks: int
+    """Evictions between re-rotations of the window (``R / bs``)."""
+    streams: list[str] = field(default_factory=list)
     head_blocks: list[int] = field(default_factory=list)
     tail_source_blocks: list[int] = field(default_factory=list)
-    tail_deltas: list[int] = field(default_factory=list)
+    rebase_deltas: list[int] = field(default_factory=list)
+    """How far (in positions) each stream's window and tail move back; mostly 0."""
+    sink_offsets: list[int] = field(default_factory=list)
     window_blocks: list[int] = field(default_factory=list)
     window_deltas: list[int] = field(default_factory=list)
 
@@ -40,6 +52,7 @@ class EvictionPlan:
     def add(
         self,
         policy: SinkWindowPolicy,
+        stream: str,
         view_row: list[int] | torch.Tensor,
         num_computed_tokens: int,
         shift_before: int,
@@ -54,32 +67,68 @@ class EvictionPlan:
         if shift <= shift_before:
             return shift_before
         dropped = (shift - shift_before) // policy.block_size
-        last_computed = (num_computed_tokens - shift_before - 1) // policy.block_size
+        offset_before = policy.rope_offset(shift_before, self.period_blocks)
+        offset = policy.rope_offset(shift, self.period_blocks)
+        rebase = shift - shift_before + offset_before - offset
+        self.streams.append(stream)
         self.head_blocks.append(int(view_row[0]))
         self.tail_source_blocks.append(int(view_row[dropped]))
-        self.tail_deltas.append(shift - shift_before)
-        kept = [int(b) for b in view_row[dropped + 1 : last_computed + 1]]
-        self.window_blocks.extend(kept)
-        self.window_deltas.extend([shift - shift_before] * len(kept))
+        self.rebase_deltas.append(rebase)
+        self.sink_offsets.append(offset)
+        if rebase:
+            last_computed = (num_computed_tokens - shift_before - 1) // policy.block_size
+            kept = [int(b) for b in view_row[dropped + 1 : last_computed + 1]]
+            self.window_blocks.extend(kept)
+            self.window_deltas.extend([rebase] * len(kept))
         return shift
 
 
+class SinkKeys:
+    """Each stream's sink keys as first computed, at cache positions ``0 .. S-1``."""
+
+    def __init__(self) -> None:
+        self._keys: dict[str, torch.Tensor] = {}  # [layers, heads, S, head_size]
+
+    def forget(self, stream: str) -> None:
+        self._keys.pop(stream, None)
+
+    def take_missing(self, plan: EvictionPlan, layers: Layers, sinks: int) -> None:
+        """Copy the sink keys of streams evicting for the first time (offset still 0)."""
+        new = [(i, s) for i, s in enumerate(plan.streams) if s not in self._keys]
+        if not new or not sinks:
+            return
+        heads = torch.tensor([plan.head_blocks[i] for i, _ in new])
+        per_layer = [keys.get(heads, slice(0, sinks)) for keys, _, _ in layers]
+        stacked = torch.stack(per_layer, dim=1)  # [streams, layers, heads, S, head_size]
+        for row, (_, stream) in enumerate(new):
+            self._keys[stream] = stacked[row].clone()
+
+    def of(self, streams: list[str]) -> torch.Tensor:
+        return torch.stack([self._keys[s] for s in streams])
+
+
 def apply_eviction_plan(
-    plan: EvictionPlan,
-    layers: list[tuple[PagedKV, PagedKV, RopeDeltas]],
-    policy: SinkWindowPolicy,
+    plan: EvictionPlan, layers: Layers, policy: SinkWindowPolicy, sink_keys: SinkKeys
 ) -> None:
     """Carry out ``plan`` on every layer's cache (keys, values, rotary angles)."""
     as_long = lambda xs: torch.tensor(xs, dtype=torch.int64)  # noqa: E731
     window, window_deltas = as_long(plan.window_blocks), as_long(plan.window_deltas)
     heads, sources = as_long(plan.head_blocks), as_long(plan.tail_source_blocks)
-    tail_deltas = as_long(plan.tail_deltas)
-    everything, tail = slice(None), slice(policy.sinks, None)
-    for keys, values, rope in layers:
+    rebase = as_long(plan.rebase_deltas)
+    sink_moves = -as_long(plan.sink_offsets)  # from position s to s + offset
+    sinks, tail, everything = slice(0, policy.sinks), slice(policy.sinks, None), slice(None)
+    sink_keys.take_missing(plan, layers, policy.sinks)
+    first_sinks = sink_keys.of(plan.streams) if policy.sinks else None
+    for layer, (keys, values, rope) in enumerate(layers):
         if len(window):
             rotated = rope.rotate_back(keys.get(window).to(torch.float32), window_deltas)
             keys.set(window, everything, rotated)
         if policy.sinks < policy.block_size:
-            rotated = rope.rotate_back(keys.get(sources, tail).to(torch.float32), tail_deltas)
-            keys.set(heads, tail, rotated)
+            moved = keys.get(sources, tail)
+            if bool(rebase.any()):
+                moved = rope.rotate_back(moved.to(torch.float32), rebase)
+            keys.set(heads, tail, moved)
             values.set(heads, tail, values.get(sources, tail))
+        if first_sinks is not None:
+            at_offset = rope.rotate_back(first_sinks[:, layer].to(torch.float32), sink_moves)
+            keys.set(heads, sinks, at_offset)

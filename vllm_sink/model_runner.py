@@ -12,6 +12,9 @@ length, and every per-request buffer stays as small as the cache:
   are carried out in the KV cache (see :mod:`vllm_sink.eviction`) and each
   stream's view moves on: block row, token row, computed count and the
   output tokens kept for penalties;
+* each token's RoPE position is its index in the view plus the stream's
+  offset (:meth:`SinkWindowPolicy.rope_offset`), added to the positions vLLM
+  computed, so that most evictions leave the window's keys where they are;
 * the persistent batch writes new and re-added requests in their view
   (:mod:`vllm_sink.input_batch`); its rows are ``view_width`` tokens wide
   because the worker's config says so (:mod:`vllm_sink.worker`);
@@ -26,6 +29,7 @@ import functools
 from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from vllm.config import get_layers_from_vllm_config
 from vllm.logger import init_logger
@@ -34,7 +38,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 
 from vllm_sink.config import policy_from_vllm_config
 from vllm_sink.cpu_kv_layout import PagedKV, PageLayout
-from vllm_sink.eviction import EvictionPlan, apply_eviction_plan
+from vllm_sink.eviction import EvictionPlan, SinkKeys, apply_eviction_plan
 from vllm_sink.input_batch import StreamingInputBatch
 from vllm_sink.kv_cache import StreamingSinkSpec
 from vllm_sink.min_tokens import StreamMinTokens
@@ -121,7 +125,10 @@ class StreamingModelRunnerMixin:
         rotary = find_rotary_modules(self.get_model(), set(layers))
         deltas = {id(m): RopeDeltas.from_rotary_module(m) for m in rotary.values()}
         self._streaming_ropes = {name: deltas[id(m)] for name, m in rotary.items()}
+        rope_positions = min(len(d.cos) for d in deltas.values())
+        self._rebase_period_blocks = self.streaming_policy.rebase_period_blocks(rope_positions)
         self._stream_shifts: dict[str, int] = {}
+        self._sink_keys = SinkKeys()
         self._min_tokens: dict[str, tuple[int, Collection[int]]] = {}
         """Streams whose stop tokens are masked until they have this many outputs."""
 
@@ -160,11 +167,13 @@ class StreamingModelRunnerMixin:
         per_stream = policy.max_resident_blocks * spec.page_size_bytes * len(layers)
         logger.info(
             "vllm-sink: KV memory per stream at most %.1f MiB (%d blocks); the pool of %d "
-            "blocks holds %d full-size streams at once",
+            "blocks holds %d full-size streams at once; a stream's window keys are "
+            "re-rotated once every %d evictions",
             per_stream / 2**20,
             policy.max_resident_blocks,
             kv_cache_config.num_blocks,
             (kv_cache_config.num_blocks - 1) // policy.max_resident_blocks,
+            self._rebase_period_blocks,
         )
 
     # -------------------------------------------------------------- every step
@@ -173,6 +182,7 @@ class StreamingModelRunnerMixin:
         for req_id in scheduler_output.finished_req_ids:
             shifts.pop(req_id, None)
             self._min_tokens.pop(req_id, None)
+            self._sink_keys.forget(req_id)
         for new_req in scheduler_output.scheduled_new_reqs:
             shifts[new_req.req_id] = 0
             params = new_req.sampling_params
@@ -191,21 +201,41 @@ class StreamingModelRunnerMixin:
             batch.sampling_metadata = batch._make_sampling_metadata()
         return result
 
+    def _prepare_inputs(self, scheduler_output: SchedulerOutput, num_scheduled_tokens: np.ndarray):
+        """vLLM's inputs, with each stream's RoPE offset added to its positions.
+
+        Slot mapping and sequence lengths are computed from the view indices
+        inside ``super()``; only the positions the model's RoPE reads move.
+        """
+        outputs = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
+        batch, policy, period = self.input_batch, self.streaming_policy, self._rebase_period_blocks
+        offsets = np.fromiter(
+            (policy.rope_offset(self._stream_shifts[r], period) for r in batch.req_ids),
+            dtype=np.int64,
+            count=batch.num_reqs,
+        )
+        if offsets.any():
+            total = scheduler_output.total_num_scheduled_tokens
+            per_token = torch.from_numpy(np.repeat(offsets, num_scheduled_tokens))
+            self.positions[:total] += per_token.to(self.positions.device)
+        return outputs
+
     def _evict(self, cached: CachedRequestData) -> bool:
         """Carry out this step's evictions and move each stream's view along."""
         policy, shifts = self.streaming_policy, self._stream_shifts
-        plan = EvictionPlan()
+        plan = EvictionPlan(self._rebase_period_blocks)
         moved: list[tuple[str, int]] = []
         for req_id, computed in zip(cached.req_ids, cached.num_computed_tokens):
             if req_id in cached.resumed_req_ids:
                 self._restart_view(req_id, cached.all_token_ids)
                 continue
             before = shifts[req_id]
-            shifts[req_id] = plan.add(policy, self.requests[req_id].block_ids[0], computed, before)
+            row = self.requests[req_id].block_ids[0]
+            shifts[req_id] = plan.add(policy, req_id, row, computed, before)
             if shifts[req_id] != before:
                 moved.append((req_id, before))
         if plan:
-            apply_eviction_plan(plan, self._streaming_layers, policy)
+            apply_eviction_plan(plan, self._streaming_layers, policy, self._sink_keys)
         for req_id, before in moved:
             self._move_view(req_id, before)
         return bool(moved)
@@ -229,6 +259,7 @@ class StreamingModelRunnerMixin:
         state.num_prompt_tokens = len(history)
         state.output_token_ids.clear()
         self._stream_shifts[req_id] = 0
+        self._sink_keys.forget(req_id)
 
     def _move_view(self, req_id: str, shift_before: int) -> None:
         """Drop the evicted blocks and tokens from the stream's state and batch row."""

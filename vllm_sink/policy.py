@@ -29,6 +29,17 @@ position ``n``) then attends ``S`` sinks plus ``W .. W + bs - 1`` recent tokens
 (itself included). A query ``i`` tokens later in the same prefill chunk attends
 ``i`` more, so the slack above ``W`` is at most ``bs - 1`` for decoding and
 ``bs - 1 + C - 1`` for a prefill chunk of ``C`` tokens.
+
+RoPE positions: the token at cache index ``i`` gets RoPE position ``i + offset``.
+Attention under RoPE depends only on differences of positions, so any common
+offset gives the same result, and a well-chosen one saves work: with
+``offset = shift mod R`` (``R`` a multiple of ``bs``), an eviction that does not
+cross a multiple of ``R`` moves the window's indices down by ``d`` and the offset
+up by ``d``, so window keys keep their positions and only the ``S`` sink keys
+move. Every ``R / bs`` evictions the offset drops back and the window is
+re-rotated once. ``R`` is as large as the model's RoPE table allows
+(:meth:`rebase_period_blocks`); ``R = bs`` (offset always 0) re-rotates the
+window at every eviction.
 """
 
 from __future__ import annotations
@@ -109,8 +120,20 @@ class SinkWindowPolicy:
 
     @property
     def max_position(self) -> int:
-        """The largest RoPE position any token or key is given."""
+        """The largest cache index a token or key is given (RoPE position without offset)."""
         return self.max_cached_tokens - 1
+
+    def rebase_period_blocks(self, rope_positions: int) -> int:
+        """``R / bs``: evictions between re-rotations of the window.
+
+        The largest period whose positions (``max_position`` plus an offset of
+        up to ``R - bs``) stay within a RoPE table of ``rope_positions``.
+        """
+        return max(1, (rope_positions - self.max_cached_tokens) // self.block_size + 1)
+
+    def rope_offset(self, shift: int, period_blocks: int) -> int:
+        """RoPE position of cache index 0 for a stream that has evicted ``shift`` tokens."""
+        return shift // self.block_size % period_blocks * self.block_size
 
     @property
     def max_window_slack(self) -> int:

@@ -44,9 +44,13 @@ class RopeDeltas:
         )
 
     def rotate_back(self, keys: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
-        """Rotate ``keys[i, ...]`` (float32, last dim = head size) by ``-deltas[i]``."""
-        cos = self.cos[deltas]
-        sin = -self.sin[deltas]
+        """Rotate ``keys[i, ...]`` (float32, last dim = head size) by ``-deltas[i]``.
+
+        A negative delta moves keys to a later position.
+        """
+        magnitude = deltas.abs()
+        cos = self.cos[magnitude]
+        sin = -self.sin[magnitude] * deltas.sign().unsqueeze(-1).to(self.sin.dtype)
         shape = (keys.shape[0],) + (1,) * (keys.dim() - 2) + (cos.shape[-1],)
         cos, sin = cos.view(shape), sin.view(shape)
         rot = keys[..., : self.rotary_dim]

@@ -1,0 +1,91 @@
+"""Evictions in a paged cache: every resident key stays at its RoPE position.
+
+A synthetic cache (one layer per RoPE style, keys ``R(p) u_t`` for token ``t`` at
+position ``p``) is driven through a stream's evictions exactly as the worker
+does (:class:`EvictionPlan` + :func:`apply_eviction_plan`); after every step
+each resident key must equal ``R(i + offset) u_t``, computed afresh, for its
+cache index ``i``: sinks, the refilled head tail and the window alike, across
+offset wrap-arounds (window re-rotations).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_sink.cpu_kv_layout import PagedKV, PageLayout
+from vllm_sink.eviction import EvictionPlan, SinkKeys, apply_eviction_plan
+from vllm_sink.policy import SinkWindowPolicy
+from vllm_sink.rerotation import RopeDeltas
+
+HEAD = 8
+HEADS = 2
+
+
+def rope_table(positions: int, neox: bool) -> RopeDeltas:
+    inv_freq = 1.0 / (100.0 ** (torch.arange(0, HEAD, 2, dtype=torch.float64) / HEAD))
+    angles = torch.arange(positions, dtype=torch.float64)[:, None] * inv_freq[None]
+    return RopeDeltas(angles.cos().float(), angles.sin().float(), HEAD, neox)
+
+
+def at_positions(rope: RopeDeltas, u: torch.Tensor, positions: list[int]) -> torch.Tensor:
+    """``u[i]`` ([HEADS, HEAD]) rotated to ``positions[i]`` (rotated back by minus it)."""
+    return rope.rotate_back(u, -torch.tensor(positions))
+
+
+@pytest.mark.parametrize("sinks", [0, 2, 8])
+@pytest.mark.parametrize("spare_positions", [0, 20, 150])
+@pytest.mark.parametrize("chunk", [1, 5])
+def test_resident_keys_keep_their_positions(sinks, spare_positions, chunk):
+    block = 8
+    policy = SinkWindowPolicy(sinks, 24, block, max_chunk_tokens=chunk)
+    rope_positions = policy.max_cached_tokens + spare_positions
+    period = policy.rebase_period_blocks(rope_positions)
+    assert policy.max_position + (period - 1) * block < rope_positions
+    ropes = [rope_table(rope_positions, neox) for neox in (True, False)]
+    num_blocks = 200
+    token_dim = torch.arange(block).view(-1, 1) * HEAD + torch.arange(HEAD).view(1, -1)
+    layout = PageLayout(token_dim, block * HEAD + token_dim, 2 * block * HEAD)
+    caches = [torch.zeros(num_blocks, HEADS, block, 2 * HEAD) for _ in ropes]
+    layers = [
+        (PagedKV.keys_of(c, layout), PagedKV.values_of(c, layout), rope)
+        for c, rope in zip(caches, ropes)
+    ]
+    tokens = torch.randn(400, HEADS, HEAD, generator=torch.Generator().manual_seed(0))
+    sink_keys = SinkKeys()
+    row: list[int] = []  # the compact block row
+    shift, n, rebases = 0, 0, 0
+    while n < 260:
+        plan = EvictionPlan(period)
+        new_shift = plan.add(policy, "stream", row, n, shift)
+        if plan:
+            rebases += bool(plan.window_blocks)
+            apply_eviction_plan(plan, layers, policy, sink_keys)
+            del row[1 : 1 + (new_shift - shift) // block]
+        shift = new_shift
+        offset = policy.rope_offset(shift, period)
+        for t in range(n, n + chunk):  # this step's tokens, written as vLLM would
+            index = t - shift
+            if index // block == len(row):
+                row.append(len(row) + 1 + shift // block)  # any free physical block
+            slot = index % block
+            for keys, values, rope in layers:
+                where = (torch.tensor([row[index // block]]), slice(slot, slot + 1))
+                key = at_positions(rope, tokens[t : t + 1], [index + offset])
+                keys.set(*where, key.view(1, HEADS, 1, HEAD))
+                values.set(*where, tokens[t].view(1, HEADS, 1, HEAD))
+        n += chunk
+        resident = n - shift
+        held = [t if t < sinks else t + shift for t in range(resident)]
+        for keys, values, rope in layers:
+            in_cache = lambda kv: kv.get(torch.tensor(row)).transpose(1, 2).flatten(0, 1)  # noqa: E731
+            expected = at_positions(rope, tokens[held], [i + offset for i in range(resident)])
+            error = (in_cache(keys)[:resident] - expected).abs().max()
+            assert error < 1e-5, (n, error)
+            assert torch.equal(in_cache(values)[:resident], tokens[held])
+    assert shift > 10 * block
+    # With room in the RoPE table, the window is re-rotated only at offset wrap-arounds.
+    assert (
+        rebases == sum(policy.rope_offset(s, period) == 0 for s in range(block, shift + 1, block))
+        or period == 1
+    )
