@@ -1,8 +1,9 @@
 """Moving cached keys to new RoPE positions, in place in vLLM's paged cache.
 
-vLLM caches keys after RoPE. When the window slides by ``d`` tokens, every key
-kept in the window must move ``d`` positions to the left; rotations compose, so
-``R(p - d) k = R(-d) R(p) k`` and the cached key is rotated by ``-d``. The
+vLLM caches keys after RoPE. To move a cached key ``d`` positions to the left
+(the window when a stream's RoPE offset drops back; the sinks move the other
+way at every eviction, see :mod:`vllm_sink.eviction`), rotations compose:
+``R(p - d) k = R(-d) R(p) k``, so the cached key is rotated by ``-d``. The
 angles come from the layer's own rotary module (so its base, scaling and
 rotary dims stay right), normalised to unit length so that scalings which also
 scale the magnitude (YaRN's mscale) are not applied twice.
