@@ -1,13 +1,14 @@
 """The reference way of running StreamingLLM against vllm-sink serving concurrent streams.
 
 The peer is the paper's own recipe on a plain transformers model, one sequence
-at a time (``streaming_llm/kv_cache.py`` and ``run_streaming_llama.py``): a
-cache of the first S tokens plus the last W, one token evicted per step once it
-is full, each new token placed right after the cache. transformers caches keys
-after RoPE, so instead of the original's re-rotation of pre-RoPE keys at every
-step, the kept window keys are rotated back by one position at every eviction
-(what transformers' own ``SinkCache`` did): the same positions, the same
-attention.
+at a time: ``streaming_llm/kv_cache.py``'s ``StartRecentKVCache`` applied after
+every token, as its ``eval_long_ppl.py`` loop does (keep the first S tokens and
+the last W, drop the rest), each new token placed right after the cache. The
+original keeps keys before RoPE and rotates the whole cache at every step;
+transformers caches keys after RoPE, so here the kept window keys are rotated
+back by the number of dropped tokens at every eviction instead (what
+transformers' own ``SinkCache`` did): the same positions, the same attention,
+the same O(W) work per token.
 
 vllm-sink serves the same prompts as ``--streams`` concurrent requests in one
 engine. Both greedy, ``ignore_eos``, same prompts, model, dtype, sinks and
