@@ -1,0 +1,95 @@
+"""Worker time per eviction: RoPE offsets against re-rotating the window every time.
+
+One stream's evictions (``vllm_sink.eviction``) on a synthetic paged cache shaped
+like SmolLM2's (30 layers, 3 KV heads of 64 dims, float32, blocks of 128, the
+CPU_ATTN key layout), decoding past ``--evictions`` evictions:
+
+* **offsets**: the shipped scheme, with SmolLM2's 8,192-position RoPE table:
+  each eviction moves the sinks and refills the head block; the window is
+  re-rotated once every ``R / bs`` evictions (included in the mean);
+* **every eviction**: the same code with a period of one eviction, i.e. the
+  window re-rotated at every eviction (vllm-sink before the offsets).
+
+No engine: this isolates the eviction work that a decode step pays on top of
+a dense step. Writes ``results/<name>.json``.
+
+    .venv/bin/python benchmarks/eviction_cost.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from common import RESULTS
+from vllm_sink.cpu_kv_layout import PagedKV, PageLayout
+from vllm_sink.eviction import EvictionPlan, SinkKeys, apply_eviction_plan
+from vllm_sink.policy import SinkWindowPolicy
+from vllm_sink.rerotation import RopeDeltas
+
+LAYERS, KV_HEADS, HEAD_SIZE, BLOCK, ROPE_POSITIONS, THETA = 30, 3, 64, 128, 8192, 100000.0
+
+
+def smollm2_like_layers(num_blocks: int) -> list[tuple[PagedKV, PagedKV, RopeDeltas]]:
+    tokens = torch.arange(BLOCK).view(-1, 1) * HEAD_SIZE
+    dims = torch.arange(HEAD_SIZE).view(1, -1)
+    layout = PageLayout(tokens + dims, BLOCK * HEAD_SIZE + tokens + dims, 2 * BLOCK * HEAD_SIZE)
+    inv_freq = 1.0 / THETA ** (torch.arange(0, HEAD_SIZE, 2, dtype=torch.float64) / HEAD_SIZE)
+    angles = torch.arange(ROPE_POSITIONS, dtype=torch.float64)[:, None] * inv_freq[None]
+    rope = RopeDeltas(angles.cos().float(), angles.sin().float(), HEAD_SIZE, True)
+    caches = [torch.randn(num_blocks, KV_HEADS, BLOCK, 2 * HEAD_SIZE) for _ in range(LAYERS)]
+    return [(PagedKV.keys_of(c, layout), PagedKV.values_of(c, layout), rope) for c in caches]
+
+
+def seconds_per_eviction(policy: SinkWindowPolicy, period: int, evictions: int) -> float:
+    """Mean time of ``evictions`` successive one-block evictions of one decoding stream."""
+    blocks_held = policy.max_resident_blocks
+    layers = smollm2_like_layers(blocks_held + 1)
+    row = list(range(blocks_held))
+    sink_keys, times = SinkKeys(), []
+    for k in range(1, evictions + 1):
+        n = policy.sinks + policy.window + k * BLOCK - 1  # the step of the k-th eviction
+        plan = EvictionPlan(period)
+        plan.add(policy, "stream", row, n, (k - 1) * BLOCK)
+        start = time.perf_counter()
+        apply_eviction_plan(plan, layers, policy, sink_keys)
+        times.append(time.perf_counter() - start)
+    return statistics.mean(times[1:])  # the first also copies the sink keys
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--windows", type=int, nargs="+", default=[1020, 4092])
+    parser.add_argument("--chunk", type=int, default=1024, help="prefill chunk (sets R)")
+    parser.add_argument("--evictions", type=int, default=97)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--name", default="eviction_cost")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for window in args.windows:
+        policy = SinkWindowPolicy(4, window, BLOCK, args.chunk)
+        period = policy.rebase_period_blocks(ROPE_POSITIONS)
+        offsets = seconds_per_eviction(policy, period, args.evictions)
+        every = seconds_per_eviction(policy, 1, args.evictions)
+        rows.append(
+            {
+                "window": window,
+                "evictions_between_window_rotations": period,
+                "offsets_ms_per_eviction": offsets * 1e3,
+                "every_eviction_ms_per_eviction": every * 1e3,
+                "speedup": every / offsets,
+            }
+        )
+        print(rows[-1], flush=True)
+    result = {"threads": args.threads, "evictions": args.evictions, "rows": rows}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
