@@ -24,6 +24,7 @@ them per cell, i.e. exactly one eviction per stream; each cell is measured
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -133,6 +134,8 @@ def main() -> None:
                     medians[mode][batch] = statistics.median(runs)
                     bar.write(f"W={window} {mode} batch {batch}: {runs}")
                 shutdown(llm)
+                del llm  # frees its KV cache before the next engine allocates one
+                gc.collect()
             for batch in args.batches:
                 stream_s, dense_s = medians["streaming"][batch], medians["dense"][batch]
                 cells.append(
