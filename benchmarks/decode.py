@@ -15,7 +15,8 @@ process, on the same model and batch:
 
 Only pure decode steps are timed (every request past its prompt), ``bs`` of
 them per cell, i.e. exactly one eviction per stream; each cell is measured
-``--repeats`` times (fresh requests) and the median step kept. Writes
+``--repeats`` times (fresh requests) and the median of the runs' mean step
+times kept. Writes
 ``results/<name>.json``.
 
     VLLM_CPU_OMP_THREADS_BIND=0-1 .venv/bin/python benchmarks/decode.py

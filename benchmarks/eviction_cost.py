@@ -24,8 +24,8 @@ import statistics
 import time
 
 import torch
-
 from common import RESULTS
+
 from vllm_sink.cpu_kv_layout import PagedKV, PageLayout
 from vllm_sink.eviction import EvictionPlan, SinkKeys, apply_eviction_plan
 from vllm_sink.policy import SinkWindowPolicy

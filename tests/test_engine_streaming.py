@@ -90,8 +90,8 @@ def test_tiny_llama_matches_reference_through_evictions(
         engine_factory, model, sinks, window, block, chunk, enforce_eager=eager
     )
     if rope_positions is not None:
-        runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker
-        assert runner.model_runner._rebase_period_blocks == 2
+        worker = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker
+        assert worker.model_runner._rebase_period_blocks == 2
     prompt = random_prompt(prompt_len, seed=2)
     generated, logprobs = run(llm, prompt, max_tokens)
     ref = StreamingLlamaReference(model)

@@ -22,15 +22,24 @@ HEAD = 8
 HEADS = 2
 
 
+INV_FREQ = 1.0 / (100.0 ** (torch.arange(0, HEAD, 2, dtype=torch.float64) / HEAD))
+
+
 def rope_table(positions: int, neox: bool) -> RopeDeltas:
-    inv_freq = 1.0 / (100.0 ** (torch.arange(0, HEAD, 2, dtype=torch.float64) / HEAD))
-    angles = torch.arange(positions, dtype=torch.float64)[:, None] * inv_freq[None]
+    angles = torch.arange(positions, dtype=torch.float64)[:, None] * INV_FREQ[None]
     return RopeDeltas(angles.cos().float(), angles.sin().float(), HEAD, neox)
 
 
-def at_positions(rope: RopeDeltas, u: torch.Tensor, positions: list[int]) -> torch.Tensor:
-    """``u[i]`` ([HEADS, HEAD]) rotated to ``positions[i]`` (rotated back by minus it)."""
-    return rope.rotate_back(u, -torch.tensor(positions))
+def at_positions(neox: bool, u: torch.Tensor, positions: list[int]) -> torch.Tensor:
+    """``u[i]`` ([HEADS, HEAD]) with RoPE at ``positions[i]``, written out in float64."""
+    angles = torch.tensor(positions, dtype=torch.float64)[:, None, None] * INV_FREQ
+    cos, sin = angles.cos(), angles.sin()
+    u = u.to(torch.float64)
+    if neox:
+        x1, x2 = u[..., : HEAD // 2], u[..., HEAD // 2 :]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).float()
+    x1, x2 = u[..., 0::2], u[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2).float()
 
 
 @pytest.mark.parametrize("sinks", [0, 2, 8])
@@ -71,7 +80,7 @@ def test_resident_keys_keep_their_positions(sinks, spare_positions, chunk):
             slot = index % block
             for keys, values, rope in layers:
                 where = (torch.tensor([row[index // block]]), slice(slot, slot + 1))
-                key = at_positions(rope, tokens[t : t + 1], [index + offset])
+                key = at_positions(rope.is_neox_style, tokens[t : t + 1], [index + offset])
                 keys.set(*where, key.view(1, HEADS, 1, HEAD))
                 values.set(*where, tokens[t].view(1, HEADS, 1, HEAD))
         n += chunk
@@ -79,7 +88,8 @@ def test_resident_keys_keep_their_positions(sinks, spare_positions, chunk):
         held = [t if t < sinks else t + shift for t in range(resident)]
         for keys, values, rope in layers:
             in_cache = lambda kv: kv.get(torch.tensor(row)).transpose(1, 2).flatten(0, 1)  # noqa: E731
-            expected = at_positions(rope, tokens[held], [i + offset for i in range(resident)])
+            positions = [i + offset for i in range(resident)]
+            expected = at_positions(rope.is_neox_style, tokens[held], positions)
             error = (in_cache(keys)[:resident] - expected).abs().max()
             assert error < 1e-5, (n, error)
             assert torch.equal(in_cache(values)[:resident], tokens[held])
