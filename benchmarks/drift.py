@@ -19,7 +19,7 @@ through SmolLM2 (fp32, in-process engine, 4 + 1020 by default) and then checks:
 
 Writes ``results/<name>.json``.
 
-    .venv/bin/python benchmarks/drift.py --tokens 1048576     # about 70 minutes here
+    .venv/bin/python benchmarks/drift.py --tokens 1048576
 """
 
 from __future__ import annotations
@@ -31,6 +31,23 @@ import sys
 import time
 
 from common import MODEL, REPO, RESULTS, handbook_tokens, shutdown
+
+
+def show_progress(core, total: int):
+    """A progress bar of the stream's computed tokens (``generate`` counts only whole prompts)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="tok", unit_scale=True, mininterval=30)
+    step = core.step_fn
+
+    def step_and_show():
+        result = step()
+        computed = sum(r.num_computed_tokens for r in core.scheduler.requests.values())
+        bar.update(max(0, computed - bar.n))
+        return result
+
+    core.step_fn = step_and_show
+    return bar
 
 
 def stream_and_capture(tokens: list[int], sinks: int, window: int, chunk: int):
@@ -57,7 +74,8 @@ def stream_and_capture(tokens: list[int], sinks: int, window: int, chunk: int):
     params = SamplingParams(max_tokens=1, prompt_logprobs=0)
     try:
         start = time.time()
-        out = llm.generate([{"prompt_token_ids": tokens}], params)[0]
+        with show_progress(core, len(tokens)):
+            out = llm.generate([{"prompt_token_ids": tokens}], params, use_tqdm=False)[0]
         seconds = time.time() - start
         nll = [-d[t].logprob for d, t in zip(out.prompt_logprobs[1:], tokens[1:])]
 

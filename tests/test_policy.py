@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from vllm_sink.policy import SinkWindowPolicy
+from vllm_sink.policy import ROPE_SPANS, SinkWindowPolicy
 
 
 def simulate(policy: SinkWindowPolicy, steps: list[int]):
@@ -68,15 +68,21 @@ def test_refuses_impossible_settings():
         SinkWindowPolicy(sinks=4, window=16, block_size=32, max_chunk_tokens=8)
 
 
-@pytest.mark.parametrize("rope_positions", [100, 1310, 1311, 2048, 8192])
+@pytest.mark.parametrize("rope_positions", [100, 1310, 1311, 2048, 5240, 8192, 131072])
 def test_rope_offsets_use_the_table_and_stay_in_it(rope_positions):
-    """Positions (cache index + offset) fit the RoPE table; a longer period would not."""
+    """Positions (cache index + offset) fit the RoPE table and a few cache spans.
+
+    A longer period would not: within those limits the window is re-rotated as
+    rarely as it can be.
+    """
     policy = SinkWindowPolicy(4, 252, 32, max_chunk_tokens=1024)  # spans 1,310 positions
+    limit = min(rope_positions, 4 * 1310)
+    assert ROPE_SPANS == 4
     period = policy.rebase_period_blocks(rope_positions)
     offsets = {policy.rope_offset(shift, period) for shift in range(0, 1000 * 32, 32)}
     assert offsets == {k * 32 for k in range(period)}
-    assert policy.max_position + max(offsets) < max(rope_positions, policy.max_cached_tokens)
+    assert policy.max_position + max(offsets) < max(limit, policy.max_cached_tokens)
     if rope_positions > policy.max_cached_tokens:
-        assert policy.max_position + period * 32 >= rope_positions  # as long as it can be
+        assert policy.max_position + period * 32 >= limit  # as long as it can be
     else:
         assert period == 1  # no room: the window moves at every eviction

@@ -37,14 +37,23 @@ offset gives the same result, and a well-chosen one saves work: with
 cross a multiple of ``R`` moves the window's indices down by ``d`` and the offset
 up by ``d``, so window keys keep their positions and only the ``S`` sink keys
 move. Every ``R / bs`` evictions the offset drops back and the window is
-re-rotated once. ``R`` is as large as the model's RoPE table allows
-(:meth:`rebase_period_blocks`); ``R = bs`` (offset always 0) re-rotates the
-window at every eviction.
+re-rotated once. ``R`` is as large as the model's RoPE table allows, up to
+:data:`ROPE_SPANS` cache spans (:meth:`rebase_period_blocks`); ``R = bs``
+(offset always 0) re-rotates the window at every eviction.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+ROPE_SPANS = 4
+"""Positions stay below this many cache spans, even where the RoPE table is longer.
+
+Rotation angles are position x frequency in float32, so their rounding grows
+with the position: a stream whose cache spans 2k positions has no reason to use
+positions near 128k just because the model's table reaches them. Four spans
+already re-rotate the window at most once per three spans of evictions.
+"""
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -127,9 +136,11 @@ class SinkWindowPolicy:
         """``R / bs``: evictions between re-rotations of the window.
 
         The largest period whose positions (``max_position`` plus an offset of
-        up to ``R - bs``) stay within a RoPE table of ``rope_positions``.
+        up to ``R - bs``) stay within a RoPE table of ``rope_positions`` and
+        below :data:`ROPE_SPANS` cache spans.
         """
-        return max(1, (rope_positions - self.max_cached_tokens) // self.block_size + 1)
+        limit = min(rope_positions, ROPE_SPANS * self.max_cached_tokens)
+        return max(1, (limit - self.max_cached_tokens) // self.block_size + 1)
 
     def rope_offset(self, shift: int, period_blocks: int) -> int:
         """RoPE position of cache index 0 for a stream that has evicted ``shift`` tokens."""
