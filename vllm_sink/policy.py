@@ -10,8 +10,8 @@ Layout of one stream in vLLM's paged cache (``bs`` = block size, ``S`` sinks):
   request. Its first ``S`` slots hold the sink tokens (the first ``S`` tokens of
   the stream). Its other ``bs - S`` slots hold the ``bs - S`` tokens that come
   right before the first window block. Before any eviction that is simply the
-  original text; at each eviction those slots are refilled (keys re-rotated)
-  from the tail of the last evicted block.
+  original text; at each eviction those slots are refilled from the tail of
+  the last evicted block (which keys are rotated then: RoPE positions, below).
 * after ``ev`` evictions, absolute blocks ``1 .. ev`` are gone from the window
   (block ``ev`` is still held: it was the source of the head refill, and is
   freed at the next eviction), and the window is absolute blocks ``ev+1 ..``.
