@@ -19,7 +19,7 @@ through SmolLM2 (fp32, in-process engine, 4 + 1020 by default) and then checks:
 
 Writes ``results/<name>.json``.
 
-    .venv/bin/python benchmarks/drift.py --tokens 1048576
+    .venv/bin/python benchmarks/drift.py --tokens 1048576     # 91 minutes here, both cores
 """
 
 from __future__ import annotations
