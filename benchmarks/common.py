@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 from pathlib import Path
 
@@ -31,3 +32,15 @@ def shutdown(llm) -> None:
     llm.llm_engine.engine_core.shutdown()
     gc.collect()
     cleanup_dist_env_and_memory()
+
+
+def thread_setting() -> str:
+    """The vLLM CPU thread binding a figure was measured under."""
+    return "VLLM_CPU_OMP_THREADS_BIND=" + os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")
+
+
+def save_result(name: str, result: dict) -> None:
+    """Print ``result`` and write it to ``results/<name>.json``."""
+    print(json.dumps(result, indent=1))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import time
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "10")  # 32 streams of 4 + 4092
 
-from common import MODEL, RESULTS, handbook_tokens, shutdown
+from common import MODEL, handbook_tokens, save_result, shutdown, thread_setting
 
 
 def make_engine(window: int | None, sinks: int, max_batch: int, eager: bool):
@@ -164,13 +163,10 @@ def main() -> None:
         "dtype": "float32",
         "compiled": not args.eager,
         "sinks": args.sinks,
-        "threads": "VLLM_CPU_OMP_THREADS_BIND="
-        + os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
+        "threads": thread_setting(),
         "cells": cells,
     }
-    print(json.dumps(result, indent=1))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    save_result(args.name, result)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,10 @@ included) and the ratio. Writes ``results/<name>.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 
 import torch
-from common import MODEL, RESULTS, handbook_tokens, shutdown
+from common import MODEL, handbook_tokens, save_result, shutdown, thread_setting
 
 
 class SinkWindowCache:
@@ -136,8 +134,7 @@ def main() -> None:
         "window": args.window,
         "peer_torch_threads": threads,
         "vllm_compiled": not args.eager,
-        "vllm_threads": "VLLM_CPU_OMP_THREADS_BIND="
-        + os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
+        "vllm_threads": thread_setting(),
         "peer_seconds": round(peer_seconds, 1),
         "vllm_seconds": round(vllm_seconds, 1),
         "peer_tokens_per_s": generated / peer_seconds,
@@ -145,9 +142,7 @@ def main() -> None:
         "ratio": peer_seconds / vllm_seconds,
         "greedy_tokens_equal_to_peer_before_first_difference": same_prefix,
     }
-    print(json.dumps(result, indent=1))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    save_result(args.name, result)
 
 
 if __name__ == "__main__":

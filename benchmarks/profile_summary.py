@@ -15,12 +15,11 @@ functions where the step's samples land (leaf frames). Writes
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from collections import Counter
 from pathlib import Path
 
-from common import RESULTS
+from common import save_result
 
 STEP_FRAME = "_timed_decode_steps"
 FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^:]*):\d+\)$")
@@ -67,9 +66,7 @@ def main() -> None:
     parser.add_argument("--name", default="decode_profile")
     args = parser.parse_args()
     result = summarize(args.profile.read_text().splitlines(), args.top)
-    print(json.dumps(result, indent=1))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    save_result(args.name, result)
 
 
 if __name__ == "__main__":

@@ -19,12 +19,10 @@ Writes ``results/<name>.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 
-from common import MODEL, RESULTS, handbook_tokens, shutdown
+from common import MODEL, handbook_tokens, save_result, shutdown, thread_setting
 from decode import decode_step_seconds, make_engine
 
 PAPER_SPEEDUP_AT_4096 = 22.2  # Llama-2-13B on an A6000, the paper's Figure 10
@@ -89,14 +87,11 @@ def main() -> None:
         "dtype": "float32",
         "compiled": not args.eager,
         "sinks": args.sinks,
-        "threads": "VLLM_CPU_OMP_THREADS_BIND="
-        + os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
+        "threads": thread_setting(),
         "paper_speedup_at_4096": PAPER_SPEEDUP_AT_4096,
         "rows": rows,
     }
-    print(json.dumps(result, indent=1))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    save_result(args.name, result)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import MODEL, RESULTS
+from common import MODEL, save_result, thread_setting
 
 
 def bench(extra: list[str], workload: list[str]) -> tuple[list[str], dict]:
@@ -71,16 +71,13 @@ def main() -> None:
     }
     result = {
         "model": MODEL.name,
-        "threads": "VLLM_CPU_OMP_THREADS_BIND="
-        + os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
+        "threads": thread_setting(),
         "commands": {mode: " ".join(c) for mode, c in commands.items()},
         "tokens_per_second": {m: [r["tokens_per_second"] for r in rs] for m, rs in runs.items()},
         "median_tokens_per_second": median,
         "ratio": median["streaming"] / median["plain"],
     }
-    print(json.dumps(result, indent=1))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    save_result(args.name, result)
 
 
 if __name__ == "__main__":
