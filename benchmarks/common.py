@@ -39,8 +39,8 @@ def thread_setting() -> str:
     return "VLLM_CPU_OMP_THREADS_BIND=" + os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")
 
 
-def save_result(name: str, result: dict) -> None:
-    """Print ``result`` and write it to ``results/<name>.json``."""
-    print(json.dumps(result, indent=1))
+def save_result(name: str, result: dict, print_without: tuple[str, ...] = ()) -> None:
+    """Write ``result`` to ``results/<name>.json`` and print it, less long ``print_without``."""
+    print(json.dumps({k: v for k, v in result.items() if k not in print_without}, indent=1))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))

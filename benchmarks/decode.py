@@ -2,21 +2,26 @@
 
 Once a stream's cache is full, each decode step attends its S sinks plus
 ``W .. W + bs - 1`` recent tokens: the work of a dense step over the same
-number of cached tokens. This benchmark measures both side by side, in one
-process, on the same model and batch:
+number of cached tokens. This benchmark measures both side by side, on the
+same model and batch, with both engines alive at once (one process each):
 
-* **streaming**: ``batch`` streams whose prompts end just before their first
-  eviction, decoding past it: one eviction (table compaction, moving the
-  sinks, now and then re-rotating the window) every ``bs`` tokens per stream;
+* **streaming**: ``batch`` streams past their first eviction, decoding on:
+  each evicts one block (table compaction, moving the sinks, now and then
+  re-rotating the window) every ``bs`` tokens. Their prompt lengths are
+  staggered across a block, so that their evictions fall on different steps,
+  one at a time, as in a server whose streams arrived at different times;
 * **dense**: the same engine settings without streaming, prompts of
-  ``S + W - 1`` tokens, so that each measured step attends the same number of
-  tokens as the streaming step it is compared with (``S + W .. S + W + bs - 1``,
-  the streams' cache after their first eviction).
+  ``S + W - 1`` tokens, so that over a run each request attends on average as
+  many tokens as a stream (``S + W .. S + W + bs - 1``).
 
 Only pure decode steps are timed (every request past its prompt), in runs of
-``bs`` steps, i.e. exactly one eviction per stream per run; each cell is
-measured in ``--repeats`` runs and the median of the runs' mean step times
-kept. Writes ``results/<name>.json``.
+``bs`` steps: exactly one eviction per stream per run. The two engines take
+turns run by run, in alternating order, so that the machine's drifts hit both
+alike; each cell keeps the median of the runs' mean step times, over at least
+``--repeats`` runs and ``--min-seconds`` of timed steps per mode.
+Batches are measured largest first, each a subset of the previous one, so that
+the streams need no fresh prefill and dense prompts come from vLLM's prefix
+cache. Writes ``results/<name>.json``.
 
     VLLM_CPU_OMP_THREADS_BIND=0-1 .venv/bin/python benchmarks/decode.py
 """
@@ -24,70 +29,94 @@ kept. Writes ``results/<name>.json``.
 from __future__ import annotations
 
 import argparse
-import gc
+import math
+import multiprocessing
 import os
 import statistics
 import time
-
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "10")  # 32 streams of 4 + 4092
+from multiprocessing.connection import Connection
 
 from common import MODEL, handbook_tokens, save_result, shutdown, thread_setting
 
+KV_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 4  # SmolLM2 fp32: layers, K and V, KV heads, head size
+BLOCK_SIZE = 128  # vLLM CPU's default
+CHUNK = 1024  # --max-num-batched-tokens
 
-def make_engine(window: int | None, sinks: int, max_batch: int, eager: bool):
-    from vllm import LLM
 
-    streaming = (
-        {"additional_config": {"streaming_sinks": sinks, "streaming_window": window}}
-        if window is not None
+def kv_cache_gib(window: int, sinks: int, max_batch: int) -> int:
+    """``VLLM_CPU_KVCACHE_SPACE`` for one engine: every stream's bound, and a spare block."""
+    blocks = math.ceil((sinks + window + CHUNK) / BLOCK_SIZE) + 2
+    return math.ceil((max_batch * blocks + 1) * BLOCK_SIZE * KV_BYTES_PER_TOKEN / 2**30)
+
+
+def stream_phases(batch: int, block_size: int) -> list[int]:
+    """How far into its block each stream starts; every subset of the batch spread evenly."""
+    return [k * block_size // batch for k in range(batch)]
+
+
+def subset(batch: int, max_batch: int) -> list[int]:
+    """The requests (by index) of a smaller batch: every ``max_batch // batch``-th."""
+    return list(range(0, max_batch, max_batch // batch))[:batch]
+
+
+def engine_process(conn: Connection, mode: str, window: int, args: argparse.Namespace) -> None:
+    """One engine (streaming or dense); runs timed runs when the parent asks."""
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib(window, args.sinks, args.max_batch))
+    from vllm import LLM, SamplingParams
+
+    streaming = mode == "streaming"
+    extra = (
+        {"additional_config": {"streaming_sinks": args.sinks, "streaming_window": window}}
+        if streaming
         else {}
     )
-    return LLM(
-        str(MODEL), dtype="float32", enforce_eager=eager, max_num_seqs=max_batch,
-        max_num_batched_tokens=1024, disable_log_stats=True, **streaming,
+    llm = LLM(
+        str(MODEL), dtype="float32", enforce_eager=args.eager, max_num_seqs=args.max_batch,
+        max_num_batched_tokens=CHUNK, disable_log_stats=True, **extra,
     )  # fmt: skip
-
-
-def decode_step_seconds(llm, prompts: list[list[int]], steps: int, warmup: int, repeats: int):
-    """Mean wall time of a decode step, in ``repeats`` runs of ``steps`` pure decode steps.
-
-    Requests whose prefill ends early decode while the others prefill, so they
-    run ahead; timing starts ``warmup`` steps after every request is decoding.
-    Streams are in their steady state whatever their lead, so their runs are
-    consecutive: each of ``steps = bs`` steps holds exactly one eviction per
-    stream. A dense request's cache grows as it decodes, so each of its runs
-    starts afresh from the same prompts: prefilled once, then found in vLLM's
-    prefix cache, so that every run attends the same number of tokens.
-    """
-    from vllm import SamplingParams
-
     engine = llm.llm_engine
-    dense = engine.vllm_config.cache_config.enable_prefix_caching
-    requests = [{"prompt_token_ids": p} for p in prompts]
-    if dense:
+    block_size = engine.vllm_config.cache_config.block_size
+    cached = args.sinks + window
+    text = handbook_tokens()
+    if streaming:  # past the first eviction, staggered across a block
+        lengths = [cached + block_size + p for p in stream_phases(args.max_batch, block_size)]
+    else:
+        lengths = [cached - 1] * args.max_batch
+    lengths = [n - args.warmup for n in lengths]
+    starts = [(k + 1) * 7919 % (len(text) - max(lengths)) for k in range(args.max_batch)]
+    requests = [{"prompt_token_ids": text[s : s + n]} for s, n in zip(starts, lengths)]
+    room = engine.vllm_config.model_config.max_model_len - max(lengths)
+    params = SamplingParams(max_tokens=min(room, 10**6), temperature=0.8, ignore_eos=True)
+    if streaming:
+        streams = {k: f"stream-{k}" for k in range(args.max_batch)}  # request index -> id
+        for k, request_id in streams.items():
+            engine.add_request(request_id, requests[k], params)
+    else:  # prefilled once; every run finds the prompts in the prefix cache
         llm.generate(requests, SamplingParams(max_tokens=1), use_tqdm=False)
-    room = engine.vllm_config.model_config.max_model_len - max(map(len, prompts))
-    params = SamplingParams(max_tokens=min(room, 100_000), temperature=0.8, ignore_eos=True)
-    runs: list[float] = []
-    ids: list[str] = []
-    for run in range(repeats):
-        if dense or run == 0:
-            ids = [f"r{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
-            for request_id, request in zip(ids, requests):
-                engine.add_request(request_id, request, params)
-            timed = _timed_decode_steps(llm, len(prompts), steps, warmup)
+    conn.send("ready")
+    while (batch := conn.recv()) is not None:
+        keep = subset(batch, args.max_batch)
+        if streaming:
+            engine.abort_request([streams.pop(k) for k in list(streams) if k not in keep])
+            timed = timed_decode_steps(llm, batch, block_size, args.warmup)
         else:
-            timed = _timed_decode_steps(llm, len(prompts), steps, 0)
-        runs.append(statistics.mean(timed))
-        if dense or run == repeats - 1:
-            engine.abort_request(ids)
+            run_ids = [f"dense-{time.monotonic_ns()}-{k}" for k in keep]
+            for request_id, k in zip(run_ids, keep):
+                engine.add_request(request_id, requests[k], params)
+            timed = timed_decode_steps(llm, batch, block_size, args.warmup)
+            engine.abort_request(run_ids)
             while engine.has_unfinished_requests():
                 engine.step()
-    return runs
+        conn.send(statistics.mean(timed))
+    shutdown(llm)
 
 
-def _timed_decode_steps(llm, batch: int, steps: int, warmup: int) -> list[float]:
-    """Times of ``steps`` engine steps in which all ``batch`` requests decode."""
+def timed_decode_steps(llm, batch: int, steps: int, warmup: int) -> list[float]:
+    """Times of ``steps`` engine steps in which all ``batch`` requests decode.
+
+    Timing starts ``warmup`` decode steps after every request is decoding
+    (requests whose prefill ends early decode while the others prefill).
+    """
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
     timed: list[float] = []
@@ -107,12 +136,56 @@ def _timed_decode_steps(llm, batch: int, steps: int, warmup: int) -> list[float]
     return timed
 
 
+def measure_window(window: int, args: argparse.Namespace, bar) -> list[dict]:
+    """Every batch size's cell for one window, the engines taking turns."""
+    context = multiprocessing.get_context("spawn")
+    engines: dict[str, Connection] = {}
+    processes = []
+    for mode in args.modes:  # one at a time: start-ups would share the cores
+        parent, child = context.Pipe()
+        process = context.Process(target=engine_process, args=(child, mode, window, args))
+        process.start()
+        if parent.recv() != "ready":
+            raise RuntimeError(f"{mode} engine did not start")
+        engines[mode], processes = parent, processes + [process]
+    cells = []
+    for batch in sorted(args.batches, reverse=True):
+        runs: dict[str, list[float]] = {mode: [] for mode in args.modes}
+        while (
+            len(runs[args.modes[0]]) < args.repeats
+            or min(sum(seconds) * BLOCK_SIZE for seconds in runs.values()) < args.min_seconds
+        ):  # short runs (small batches) are noisier: more of them
+            order = args.modes if len(runs[args.modes[0]]) % 2 == 0 else args.modes[::-1]
+            for mode in order:
+                engines[mode].send(batch)
+                runs[mode].append(engines[mode].recv())
+        bar.update()
+        cell = {"window": window, "cached_tokens": args.sinks + window, "batch": batch}
+        step = {mode: statistics.median(seconds) for mode, seconds in runs.items()}
+        for mode in args.modes:
+            cell[f"{mode}_tokens_per_s"] = batch / step[mode]
+        if len(step) == 2:
+            cell["ratio"] = step["dense"] / step["streaming"]
+        for mode in args.modes:
+            cell[f"{mode}_step_seconds_per_run"] = runs[mode]
+        cells.append(cell)
+        bar.write(f"W={window} batch {batch}: ratio {cell.get('ratio', '-')} {runs}")
+    for connection in engines.values():
+        connection.send(None)
+    for process in processes:
+        process.join()
+    return sorted(cells, key=lambda cell: cell["batch"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, nargs="+", default=[1020, 4092])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--sinks", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="fewest runs per cell and mode")
+    parser.add_argument(
+        "--min-seconds", type=float, default=60, help="fewest timed seconds per cell and mode"
+    )
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--eager", action="store_true", help="no torch.compile")
     parser.add_argument(
@@ -121,48 +194,20 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--name", default="decode_smollm2")
     args = parser.parse_args()
+    args.max_batch = max(args.batches)
+    if any(args.max_batch % batch for batch in args.batches):
+        parser.error("every batch size must divide the largest")
     from tqdm import tqdm
 
-    text = handbook_tokens()
-    cells = []
-    with tqdm(total=len(args.modes) * len(args.windows) * len(args.batches)) as bar:
-        for window in args.windows:
-            cached = args.sinks + window
-            runs: dict[str, dict[int, list[float]]] = {}  # mean step seconds of each run
-            for mode in args.modes:
-                llm = make_engine(
-                    window if mode == "streaming" else None,
-                    args.sinks, max(args.batches), args.eager,
-                )  # fmt: skip
-                block_size = llm.llm_engine.vllm_config.cache_config.block_size
-                prompt_len = cached + block_size if mode == "streaming" else cached - 1
-                prompt_len -= args.warmup
-                runs[mode] = {}
-                for batch in args.batches:
-                    starts = [(k + 1) * 7919 % (len(text) - prompt_len) for k in range(batch)]
-                    prompts = [text[s : s + prompt_len] for s in starts]
-                    runs[mode][batch] = decode_step_seconds(
-                        llm, prompts, block_size, args.warmup, args.repeats
-                    )
-                    bar.update()
-                    bar.write(f"W={window} {mode} batch {batch}: {runs[mode][batch]}")
-                shutdown(llm)
-                del llm  # frees its KV cache before the next engine allocates one
-                gc.collect()
-            for batch in args.batches:
-                cell = {"window": window, "cached_tokens": cached, "batch": batch}
-                step = {mode: statistics.median(runs[mode][batch]) for mode in args.modes}
-                for mode in args.modes:
-                    cell[f"{mode}_tokens_per_s"] = batch / step[mode]
-                    cell[f"{mode}_step_seconds_per_run"] = runs[mode][batch]
-                if len(step) == 2:
-                    cell["ratio"] = step["dense"] / step["streaming"]
-                cells.append(cell)
+    with tqdm(total=len(args.windows) * len(args.batches), unit="cell") as bar:
+        cells = [cell for window in args.windows for cell in measure_window(window, args, bar)]
     result = {
         "model": MODEL.name,
         "dtype": "float32",
         "compiled": not args.eager,
         "sinks": args.sinks,
+        "min_runs": args.repeats,
+        "min_timed_seconds": args.min_seconds,
         "threads": thread_setting(),
         "cells": cells,
     }

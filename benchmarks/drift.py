@@ -25,12 +25,11 @@ Writes ``results/<name>.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
 
-from common import MODEL, REPO, RESULTS, handbook_tokens, shutdown
+from common import MODEL, REPO, handbook_tokens, save_result, shutdown, thread_setting
 
 
 def show_progress(core, total: int):
@@ -166,6 +165,7 @@ def main() -> None:
         "sinks": args.sinks,
         "window": args.window,
         "prefill_chunk": args.chunk,
+        "threads": thread_setting(),
         "seconds": round(seconds),
         "resident_tokens": len(cached),
         "rope_offset_at_end": offset,
@@ -176,10 +176,7 @@ def main() -> None:
         "perplexity_last_pass": perplexity(nll[last]),
         "last_pass_starts_at": last_pass,
     }
-    print(json.dumps(result, indent=1))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    name = args.name or f"drift_smollm2_{args.tokens}"
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
+    save_result(args.name or f"drift_smollm2_{args.tokens}", result)
 
 
 if __name__ == "__main__":

@@ -19,12 +19,11 @@ a dense step. Writes ``results/<name>.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
-from common import RESULTS
+from common import save_result
 
 from vllm_sink.cpu_kv_layout import PagedKV, PageLayout
 from vllm_sink.eviction import EvictionPlan, SinkKeys, apply_eviction_plan
@@ -87,8 +86,7 @@ def main() -> None:
         )
         print(rows[-1], flush=True)
     result = {"threads": args.threads, "evictions": args.evictions, "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    save_result(args.name, result)
 
 
 if __name__ == "__main__":

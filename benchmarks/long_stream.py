@@ -13,13 +13,11 @@ No ``max_model_len`` is set: with streaming on, streams have no length limit.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
 
-from common import MODEL, REPO, RESULTS, TEXT
+from common import MODEL, REPO, RESULTS, TEXT, save_result, thread_setting
 
 
 def main() -> None:
@@ -111,15 +109,12 @@ def main() -> None:
         "rss_growth_bytes_per_token": round(
             (samples[-1]["rss_mb"] - rss_before_mb) * 2**20 / samples[-1]["tokens"], 1
         ),
-        "threads": "VLLM_CPU_OMP_THREADS_BIND="
-        + os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
+        "threads": thread_setting(),
         "samples": samples,
     }
     name = args.name or f"long_stream_{args.model}_p{len(prompt)}_g{args.generate}"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
+    save_result(name, result, print_without=("samples",))
     plot(result, RESULTS / f"{name}.png")
-    print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=1))
 
 
 def plot(result: dict, path: Path) -> None:

@@ -29,7 +29,6 @@ Writes ``results/<name>.json`` and a plot ``results/<name>.png``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -37,7 +36,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from common import MODEL, REPO, RESULTS, TEXT, handbook_tokens, shutdown
+from common import (
+    MODEL,
+    REPO,
+    RESULTS,
+    TEXT,
+    handbook_tokens,
+    save_result,
+    shutdown,
+    thread_setting,
+)
 
 CONTEXT = 8192
 SINKS = 4
@@ -216,16 +224,16 @@ def main() -> None:
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
     if args.fidelity:
         result = chunk_fidelity(args)
         name = args.name or "ppl_chunk_fidelity"
     else:
         result = compare_policies(args)
         name = args.name or f"ppl_smollm2_{args.tokens // 1024}k"
+    result["threads"] = thread_setting()
+    save_result(name, result, print_without=("segments",))
+    if not args.fidelity:
         plot(result, RESULTS / f"{name}.png")
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: v for k, v in result.items() if k != "segments"}, indent=1))
 
 
 if __name__ == "__main__":

@@ -6,9 +6,9 @@ from ``vllm_sink/``), broken down by the plugin function on the stack, and the
 functions where the step's samples land (leaf frames). Writes
 ``results/<name>.json``.
 
-    VLLM_CPU_OMP_THREADS_BIND=0-1 .venv/bin/py-spy record --rate 50 --format raw \\
-        -o /tmp/decode.txt -- .venv/bin/python benchmarks/decode.py --modes streaming \\
-        --windows 1020 --batches 8 --name decode_profiled
+    VLLM_CPU_OMP_THREADS_BIND=0-1 .venv/bin/py-spy record --subprocesses --rate 50 \\
+        --format raw -o /tmp/decode.txt -- .venv/bin/python benchmarks/decode.py \\
+        --modes streaming --windows 1020 --batches 8 --name decode_profiled
     .venv/bin/python benchmarks/profile_summary.py /tmp/decode.txt
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from common import save_result
 
-STEP_FRAME = "_timed_decode_steps"
+STEP_FRAME = "timed_decode_steps"
 FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^:]*):\d+\)$")
 
 
