@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 from prometheus_client import CollectorRegistry, generate_latest
 from test_kv_cache_manager import make_manager, owned, step
 
-from vllm_sink.metrics import BOARD_ENV, StreamingBoard, StreamingCollector
+from vllm_sink.metrics import (
+    BOARD_ENV,
+    StreamingBoard,
+    StreamingCollector,
+    remove_orphaned_boards,
+)
 from vllm_sink.policy import SinkWindowPolicy
 
 
@@ -52,3 +61,26 @@ def test_manager_publishes_its_streams(monkeypatch):
     figures = board.read()
     assert figures["streams"] == figures["resident_blocks"] == figures["resident_tokens"] == 0
     assert figures["evicted_blocks"] > 0  # a counter: it outlives the streams
+
+
+def test_boards_of_dead_processes_are_removed(tmp_path):
+    """A process killed before ``atexit`` leaves its board; the next one created sweeps it."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    namespace = os.stat("/proc/self/ns/pid").st_ino
+    orphan = tmp_path / f"vllm-sink-{namespace}-{int(dead.stdout)}-abc.metrics"
+    mine = tmp_path / f"vllm-sink-{namespace}-{os.getpid()}-def.metrics"
+    elsewhere = tmp_path / f"vllm-sink-{namespace + 1}-{int(dead.stdout)}-ghi.metrics"
+    unnamed = tmp_path / "vllm-sink-xyz.metrics"  # no creator in the name: left alone
+    other = tmp_path / "something-else.metrics"
+    for path in (orphan, mine, elsewhere, unnamed, other):
+        path.write_bytes(b"0" * 64)
+    remove_orphaned_boards(tmp_path)
+    assert not orphan.exists()
+    assert mine.exists() and elsewhere.exists() and unnamed.exists() and other.exists()
+
+
+def test_created_board_names_its_creator():
+    board = StreamingBoard.create()
+    namespace = os.stat("/proc/self/ns/pid").st_ino
+    assert board.path.name.startswith(f"vllm-sink-{namespace}-{os.getpid()}-")

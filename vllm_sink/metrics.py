@@ -23,6 +23,8 @@ import numpy as np
 
 BOARD_ENV = "VLLM_SINK_METRICS_BOARD"
 """Path of the current engine's board (set by the front end, read by the engine core)."""
+BOARD_PREFIX, BOARD_SUFFIX = "vllm-sink-", ".metrics"
+"""A board's file name: prefix, PID namespace, creator's process id, random part, suffix."""
 
 FIELDS = (
     "streams",
@@ -47,10 +49,17 @@ class StreamingBoard:
 
     @classmethod
     def create(cls) -> StreamingBoard:
-        """A zeroed board in shared memory, removed when this process exits."""
+        """A zeroed board in shared memory, removed when this process exits.
+
+        Its name carries this process's id (and PID namespace), so that the
+        next board created on the machine can remove it if this process dies
+        without exiting (SIGKILL, OOM), when ``atexit`` never runs.
+        """
         shm = Path("/dev/shm")
+        directory = shm if shm.is_dir() else Path(tempfile.gettempdir())
+        remove_orphaned_boards(directory)
         fd, name = tempfile.mkstemp(
-            prefix="vllm-sink-", suffix=".metrics", dir=shm if shm.is_dir() else None
+            prefix=f"{_creator_prefix()}{os.getpid()}-", suffix=BOARD_SUFFIX, dir=directory
         )
         with os.fdopen(fd, "wb") as file:
             file.write(bytes(8 * len(FIELDS)))
@@ -76,6 +85,38 @@ class StreamingBoard:
 def _remove(path: Path) -> None:
     with contextlib.suppress(OSError):
         path.unlink()
+
+
+def _creator_prefix() -> str:
+    """``vllm-sink-<PID namespace>-``: process ids mean something only within one.
+
+    Containers that share ``/dev/shm`` but not process ids (a pod's
+    containers) never remove each other's boards.
+    """
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return f"{BOARD_PREFIX}{namespace}-"
+
+
+def remove_orphaned_boards(directory: Path) -> None:
+    """Remove the boards in ``directory`` that this PID namespace's dead processes left."""
+    prefix = _creator_prefix()
+    for path in directory.glob(f"{prefix}*{BOARD_SUFFIX}"):
+        creator = path.name[len(prefix) :].partition("-")[0]
+        if creator.isdigit() and not _process_exists(int(creator)):
+            _remove(path)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process: it exists
+        return True
+    return True
 
 
 # name, Prometheus type, board field, help text
