@@ -59,21 +59,28 @@ def subset(batch: int, max_batch: int) -> list[int]:
     return list(range(0, max_batch, max_batch // batch))[:batch]
 
 
+def make_engine(window: int | None, sinks: int, max_batch: int, eager: bool):
+    """SmolLM2 in this process: streaming over ``sinks + window``, or dense without a window."""
+    from vllm import LLM
+
+    streaming = (
+        {"additional_config": {"streaming_sinks": sinks, "streaming_window": window}}
+        if window is not None
+        else {}
+    )
+    return LLM(
+        str(MODEL), dtype="float32", enforce_eager=eager, max_num_seqs=max_batch,
+        max_num_batched_tokens=CHUNK, disable_log_stats=True, **streaming,
+    )  # fmt: skip
+
+
 def engine_process(conn: Connection, mode: str, window: int, args: argparse.Namespace) -> None:
     """One engine (streaming or dense); runs timed runs when the parent asks."""
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib(window, args.sinks, args.max_batch))
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     streaming = mode == "streaming"
-    extra = (
-        {"additional_config": {"streaming_sinks": args.sinks, "streaming_window": window}}
-        if streaming
-        else {}
-    )
-    llm = LLM(
-        str(MODEL), dtype="float32", enforce_eager=args.eager, max_num_seqs=args.max_batch,
-        max_num_batched_tokens=CHUNK, disable_log_stats=True, **extra,
-    )  # fmt: skip
+    llm = make_engine(window if streaming else None, args.sinks, args.max_batch, args.eager)
     engine = llm.llm_engine
     block_size = engine.vllm_config.cache_config.block_size
     cached = args.sinks + window

@@ -23,7 +23,7 @@ import statistics
 import time
 
 from common import MODEL, handbook_tokens, save_result, shutdown, thread_setting
-from decode import decode_step_seconds, make_engine
+from decode import make_engine, timed_decode_steps
 
 PAPER_SPEEDUP_AT_4096 = 22.2  # Llama-2-13B on an A6000, the paper's Figure 10
 
@@ -49,18 +49,21 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true", help="no torch.compile")
     parser.add_argument("--name", default="recompute_smollm2")
     args = parser.parse_args()
-    from vllm import LLM
+    from vllm import LLM, SamplingParams
 
     text = handbook_tokens()
+    endless = SamplingParams(max_tokens=10**6, temperature=0.8, ignore_eos=True)
     streaming: dict[int, float] = {}
     for cache in args.caches:
         llm = make_engine(cache - args.sinks, args.sinks, 1, args.eager)
         block_size = llm.llm_engine.vllm_config.cache_config.block_size
         warmup = 4
         prompt = text[: cache + block_size - warmup]
-        runs = decode_step_seconds(llm, [prompt], block_size, warmup, repeats=2)
-        streaming[cache] = statistics.median(runs)
+        llm.llm_engine.add_request("stream", {"prompt_token_ids": prompt}, endless)
+        runs = [timed_decode_steps(llm, 1, block_size, warmup if run == 0 else 0) for run in (0, 1)]
+        streaming[cache] = statistics.median(statistics.mean(run) for run in runs)
         print(f"streaming, cache {cache}: {streaming[cache] * 1e3:.1f} ms/token", flush=True)
+        llm.llm_engine.abort_request(["stream"])
         shutdown(llm)
 
     dense = LLM(
