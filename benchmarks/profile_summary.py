@@ -2,9 +2,9 @@
 
 Reads py-spy's raw (collapsed) stacks, keeps the samples taken inside timed
 decode steps, and reports the share spent in vllm-sink's own code (any frame
-from ``vllm_sink/``), broken down by the plugin function on the stack, and the
-functions where the step's samples land (leaf frames). Writes
-``results/<name>.json``.
+from ``vllm_sink/``), broken down by the plugin function on the stack, the
+share in vLLM's attention kernel, and the functions where the step's samples
+land (leaf frames). Writes ``results/<name>.json``.
 
     VLLM_CPU_OMP_THREADS_BIND=0-1 .venv/bin/py-spy record --subprocesses --rate 50 \\
         --format raw -o /tmp/decode.txt -- .venv/bin/python benchmarks/decode.py \\
@@ -22,6 +22,7 @@ from pathlib import Path
 from common import save_result
 
 STEP_FRAME = "timed_decode_steps"
+ATTENTION_FRAME = "cpu_attention_with_kv_cache"  # vLLM's CPU attention kernel
 FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^:]*):\d+\)$")
 
 
@@ -35,7 +36,7 @@ def frames(stack: str) -> list[tuple[str, str]]:
 
 
 def summarize(lines: list[str], top: int) -> dict:
-    total = 0
+    total = attention = 0
     plugin: Counter[str] = Counter()
     leaves: Counter[str] = Counter()
     for line in lines:
@@ -44,6 +45,7 @@ def summarize(lines: list[str], top: int) -> dict:
             continue
         samples = int(count)
         total += samples
+        attention += samples if ATTENTION_FRAME in stack else 0
         stack_frames = frames(stack)
         ours = [f for f, file in stack_frames if "vllm_sink/" in file]
         if ours:
@@ -55,6 +57,7 @@ def summarize(lines: list[str], top: int) -> dict:
         "decode_step_samples": total,
         "vllm_sink_share": round(sum(plugin.values()) / total, 4),
         "vllm_sink_share_by_function": share,
+        "attention_kernel_share": round(attention / total, 4),
         "top_leaf_functions": {name: round(n / total, 4) for name, n in leaves.most_common(top)},
     }
 
