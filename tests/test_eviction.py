@@ -1,11 +1,12 @@
 """Evictions in a paged cache: every resident key stays at its RoPE position.
 
-A synthetic cache (one layer per RoPE style, keys ``R(p) u_t`` for token ``t`` at
-position ``p``) is driven through a stream's evictions exactly as the worker
-does (:class:`EvictionPlan` + :func:`apply_eviction_plan`); after every step
-each resident key must equal ``R(i + offset) u_t``, computed afresh, for its
-cache index ``i``: sinks, the refilled head tail and the window alike, across
-offset wrap-arounds (window re-rotations).
+A synthetic cache (two layers, with one rotary table each or sharing one; keys
+``R(p) u_t`` for token ``t`` at position ``p``) is driven through a stream's
+evictions exactly as the worker does (:class:`EvictionPlan` +
+:func:`apply_eviction_plan`); after every step each resident key must equal
+``R(i + offset) u_t``, computed afresh, for its cache index ``i``: sinks, the
+refilled head tail and the window alike, across offset wrap-arounds (window
+re-rotations).
 """
 
 from __future__ import annotations
@@ -45,13 +46,17 @@ def at_positions(neox: bool, u: torch.Tensor, positions: list[int]) -> torch.Ten
 @pytest.mark.parametrize("sinks", [0, 2, 8])
 @pytest.mark.parametrize("spare_positions", [0, 20, 150])
 @pytest.mark.parametrize("chunk", [1, 5])
-def test_resident_keys_keep_their_positions(sinks, spare_positions, chunk):
+@pytest.mark.parametrize(
+    "styles", [(True, False), (True, True), (False, False)], ids=["two-tables", "neox", "gptj"]
+)
+def test_resident_keys_keep_their_positions(sinks, spare_positions, chunk, styles):
     block = 8
     policy = SinkWindowPolicy(sinks, 24, block, max_chunk_tokens=chunk)
     rope_positions = policy.max_cached_tokens + spare_positions
     period = policy.rebase_period_blocks(rope_positions)
     assert policy.max_position + (period - 1) * block < rope_positions
-    ropes = [rope_table(rope_positions, neox) for neox in (True, False)]
+    tables = {neox: rope_table(rope_positions, neox) for neox in set(styles)}
+    ropes = [tables[neox] for neox in styles]  # layers of one style share a table
     num_blocks = 200
     token_dim = torch.arange(block).view(-1, 1) * HEAD + torch.arange(HEAD).view(1, -1)
     layout = PageLayout(token_dim, block * HEAD + token_dim, 2 * block * HEAD)

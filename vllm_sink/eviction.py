@@ -118,7 +118,9 @@ def apply_eviction_plan(
     sink_moves = -as_long(plan.sink_offsets)  # from position s to s + offset
     sinks, tail, everything = slice(0, policy.sinks), slice(policy.sinks, None), slice(None)
     sink_keys.take_missing(plan, layers, policy.sinks)
-    first_sinks = sink_keys.of(plan.streams) if policy.sinks else None
+    sinks_at_offset = (
+        sinks_rotated(sink_keys.of(plan.streams), layers, sink_moves) if policy.sinks else None
+    )
     for layer, (keys, values, rope) in enumerate(layers):
         if len(window):
             rotated = rope.rotate_back(keys.get(window).to(torch.float32), window_deltas)
@@ -129,6 +131,20 @@ def apply_eviction_plan(
                 moved = rope.rotate_back(moved.to(torch.float32), rebase)
             keys.set(heads, tail, moved)
             values.set(heads, tail, values.get(sources, tail))
-        if first_sinks is not None:
-            at_offset = rope.rotate_back(first_sinks[:, layer].to(torch.float32), sink_moves)
-            keys.set(heads, sinks, at_offset)
+        if sinks_at_offset is not None:
+            keys.set(heads, sinks, sinks_at_offset[layer])
+
+
+def sinks_rotated(
+    first_sinks: torch.Tensor, layers: Layers, moves: torch.Tensor
+) -> list[torch.Tensor]:
+    """Each layer's sink keys ``[streams, heads, S, head_size]``, moved by ``-moves``.
+
+    Layers that share one rotary table (every layer of Llama-like models) are
+    rotated in one call: an eviction's fixed cost is mostly per-call overhead.
+    """
+    first_sinks = first_sinks.to(torch.float32)  # [streams, layers, heads, S, head_size]
+    ropes = [rope for _, _, rope in layers]
+    if all(rope is ropes[0] for rope in ropes):
+        return list(ropes[0].rotate_back(first_sinks, moves).unbind(1))
+    return [rope.rotate_back(first_sinks[:, i], moves) for i, rope in enumerate(ropes)]
