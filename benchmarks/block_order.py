@@ -15,15 +15,14 @@ block order alone costs a decode step's attention.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
 import torch
-from common import save_result
+from common import BLOCK_SIZE, HEAD_SIZE, HEADS, KV_HEADS, LAYERS, save_result
 from vllm import _custom_ops as ops
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
-
-LAYERS, HEADS, KV_HEADS, HEAD_SIZE, BLOCK = 30, 9, 3, 64, 128
 
 
 def block_tables(batch: int, blocks_per_row: int, pool: int) -> dict[str, torch.Tensor]:
@@ -38,15 +37,17 @@ def block_tables(batch: int, blocks_per_row: int, pool: int) -> dict[str, torch.
 
 def measure(batch: int, cached: int, pool_rows: int, steps: int) -> dict:
     """Median time of one decode step's attention (all layers) with each table."""
-    blocks_per_row = -(-(cached + BLOCK) // BLOCK)
+    blocks_per_row = math.ceil((cached + BLOCK_SIZE) / BLOCK_SIZE)
     pool = pool_rows * blocks_per_row + 1
-    caches = [torch.randn(pool, KV_HEADS, BLOCK, 2 * HEAD_SIZE) for _ in range(LAYERS)]
-    key_values = [c.view(pool, KV_HEADS, 2 * BLOCK, HEAD_SIZE).chunk(2, dim=2) for c in caches]
+    caches = [torch.randn(pool, KV_HEADS, BLOCK_SIZE, 2 * HEAD_SIZE) for _ in range(LAYERS)]
+    key_values = [c.view(pool, KV_HEADS, 2 * BLOCK_SIZE, HEAD_SIZE).chunk(2, dim=2) for c in caches]
     query = torch.randn(batch, HEADS, HEAD_SIZE)
     output = torch.empty_like(query)
     query_start = torch.arange(batch + 1, dtype=torch.int32)
-    seq_lens = torch.tensor([cached + k * BLOCK // batch for k in range(batch)], dtype=torch.int32)
-    isa = _get_attn_isa(torch.float32, BLOCK, HEAD_SIZE, "auto")
+    seq_lens = torch.tensor(
+        [cached + k * BLOCK_SIZE // batch for k in range(batch)], dtype=torch.int32
+    )
+    isa = _get_attn_isa(torch.float32, BLOCK_SIZE, HEAD_SIZE, "auto")
     metadata = ops.cpu_attn_get_scheduler_metadata(
         num_reqs=batch, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_SIZE,
         seq_lens=seq_lens, dtype=torch.float32, query_start_loc=query_start, causal=True,

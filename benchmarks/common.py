@@ -17,6 +17,11 @@ RESULTS = REPO / "benchmarks" / "results"
 MODEL = REPO / "models" / "SmolLM2-135M-Instruct"
 TEXT = REPO / "data" / "debian-handbook.txt"
 
+# SmolLM2-135M's attention (its config.json) and vLLM CPU's default block size, for
+# benchmarks that size or shape a KV cache like the engine's.
+LAYERS, HEADS, KV_HEADS, HEAD_SIZE = 30, 9, 3, 64
+BLOCK_SIZE = 128
+
 
 def handbook_tokens() -> list[int]:
     """The whole Debian handbook text (set-up's ``data/``), in SmolLM2's tokens."""

@@ -36,10 +36,19 @@ import statistics
 import time
 from multiprocessing.connection import Connection
 
-from common import MODEL, handbook_tokens, save_result, shutdown, thread_setting
+from common import (
+    BLOCK_SIZE,
+    HEAD_SIZE,
+    KV_HEADS,
+    LAYERS,
+    MODEL,
+    handbook_tokens,
+    save_result,
+    shutdown,
+    thread_setting,
+)  # fmt: skip
 
-KV_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 4  # SmolLM2 fp32: layers, K and V, KV heads, head size
-BLOCK_SIZE = 128  # vLLM CPU's default
+KV_BYTES_PER_TOKEN = LAYERS * 2 * KV_HEADS * HEAD_SIZE * 4  # fp32 K and V
 CHUNK = 1024  # --max-num-batched-tokens
 
 

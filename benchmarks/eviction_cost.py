@@ -23,24 +23,26 @@ import statistics
 import time
 
 import torch
-from common import save_result
+from common import BLOCK_SIZE, HEAD_SIZE, KV_HEADS, LAYERS, save_result
 
 from vllm_sink.cpu_kv_layout import PagedKV, PageLayout
 from vllm_sink.eviction import EvictionPlan, SinkKeys, apply_eviction_plan
 from vllm_sink.policy import SinkWindowPolicy
 from vllm_sink.rerotation import RopeDeltas
 
-LAYERS, KV_HEADS, HEAD_SIZE, BLOCK, ROPE_POSITIONS, THETA = 30, 3, 64, 128, 8192, 100000.0
+ROPE_POSITIONS, THETA = 8192, 100000.0  # SmolLM2's RoPE table and base
 
 
 def smollm2_like_layers(num_blocks: int) -> list[tuple[PagedKV, PagedKV, RopeDeltas]]:
-    tokens = torch.arange(BLOCK).view(-1, 1) * HEAD_SIZE
+    tokens = torch.arange(BLOCK_SIZE).view(-1, 1) * HEAD_SIZE
     dims = torch.arange(HEAD_SIZE).view(1, -1)
-    layout = PageLayout(tokens + dims, BLOCK * HEAD_SIZE + tokens + dims, 2 * BLOCK * HEAD_SIZE)
+    layout = PageLayout(
+        tokens + dims, BLOCK_SIZE * HEAD_SIZE + tokens + dims, 2 * BLOCK_SIZE * HEAD_SIZE
+    )
     inv_freq = 1.0 / THETA ** (torch.arange(0, HEAD_SIZE, 2, dtype=torch.float64) / HEAD_SIZE)
     angles = torch.arange(ROPE_POSITIONS, dtype=torch.float64)[:, None] * inv_freq[None]
     rope = RopeDeltas(angles.cos().float(), angles.sin().float(), HEAD_SIZE, True)
-    caches = [torch.randn(num_blocks, KV_HEADS, BLOCK, 2 * HEAD_SIZE) for _ in range(LAYERS)]
+    caches = [torch.randn(num_blocks, KV_HEADS, BLOCK_SIZE, 2 * HEAD_SIZE) for _ in range(LAYERS)]
     return [(PagedKV.keys_of(c, layout), PagedKV.values_of(c, layout), rope) for c in caches]
 
 
@@ -51,9 +53,9 @@ def seconds_per_eviction(policy: SinkWindowPolicy, period: int, evictions: int) 
     row = list(range(blocks_held))
     sink_keys, times = SinkKeys(), []
     for k in range(1, evictions + 1):
-        n = policy.sinks + policy.window + k * BLOCK - 1  # the step of the k-th eviction
+        n = policy.sinks + policy.window + k * BLOCK_SIZE - 1  # the step of the k-th eviction
         plan = EvictionPlan(period)
-        plan.add(policy, "stream", row, n, (k - 1) * BLOCK)
+        plan.add(policy, "stream", row, n, (k - 1) * BLOCK_SIZE)
         start = time.perf_counter()
         apply_eviction_plan(plan, layers, policy, sink_keys)
         times.append(time.perf_counter() - start)
@@ -71,7 +73,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = []
     for window in args.windows:
-        policy = SinkWindowPolicy(4, window, BLOCK, args.chunk)
+        policy = SinkWindowPolicy(4, window, BLOCK_SIZE, args.chunk)
         period = policy.rebase_period_blocks(ROPE_POSITIONS)
         offsets = seconds_per_eviction(policy, period, args.evictions)
         every = seconds_per_eviction(policy, 1, args.evictions)
