@@ -21,7 +21,9 @@ alike; each cell keeps the median of the runs' mean step times, over at least
 ``--repeats`` runs and ``--min-seconds`` of timed steps per mode.
 Batches are measured largest first, each a subset of the previous one, so that
 the streams need no fresh prefill and dense prompts come from vLLM's prefix
-cache. Writes ``results/<name>.json``.
+cache. Each run also reports where its steps' time went, phase by phase
+(:mod:`step_breakdown`), so that a gap between the modes can be placed.
+Writes ``results/<name>.json``.
 
     VLLM_CPU_OMP_THREADS_BIND=0-1 .venv/bin/python benchmarks/decode.py
 """
@@ -47,6 +49,7 @@ from common import (
     shutdown,
     thread_setting,
 )  # fmt: skip
+from step_breakdown import StepBreakdown
 
 KV_BYTES_PER_TOKEN = LAYERS * 2 * KV_HEADS * HEAD_SIZE * 4  # fp32 K and V
 CHUNK = 1024  # --max-num-batched-tokens
@@ -107,41 +110,52 @@ def engine_process(conn: Connection, mode: str, window: int, args: argparse.Name
         streams = {k: f"stream-{k}" for k in range(args.max_batch)}  # request index -> id
         for k, request_id in streams.items():
             engine.add_request(request_id, requests[k], params)
+        while not all_decoding(llm, args.max_batch):  # prefill before the timed runs
+            engine.step()
     else:  # prefilled once; every run finds the prompts in the prefix cache
         llm.generate(requests, SamplingParams(max_tokens=1), use_tqdm=False)
+    breakdown = StepBreakdown(llm)
     conn.send("ready")
     while (batch := conn.recv()) is not None:
         keep = subset(batch, args.max_batch)
         if streaming:
             engine.abort_request([streams.pop(k) for k in list(streams) if k not in keep])
-            timed = timed_decode_steps(llm, batch, block_size, args.warmup)
+            timed, phases = timed_decode_steps(llm, batch, block_size, args.warmup, breakdown)
         else:
             run_ids = [f"dense-{time.monotonic_ns()}-{k}" for k in keep]
             for request_id, k in zip(run_ids, keep):
                 engine.add_request(request_id, requests[k], params)
-            timed = timed_decode_steps(llm, batch, block_size, args.warmup)
+            timed, phases = timed_decode_steps(llm, batch, block_size, args.warmup, breakdown)
             engine.abort_request(run_ids)
             while engine.has_unfinished_requests():
                 engine.step()
-        conn.send(statistics.mean(timed))
+        conn.send((statistics.mean(timed), phases))
     shutdown(llm)
 
 
-def timed_decode_steps(llm, batch: int, steps: int, warmup: int) -> list[float]:
-    """Times of ``steps`` engine steps in which all ``batch`` requests decode.
+def all_decoding(llm, batch: int) -> bool:
+    """Whether the engine holds ``batch`` requests, every one past its prompt."""
+    running = list(llm.llm_engine.engine_core.engine_core.scheduler.requests.values())
+    return len(running) == batch and all(
+        r.num_computed_tokens >= r.num_prompt_tokens for r in running
+    )
+
+
+def timed_decode_steps(
+    llm, batch: int, steps: int, warmup: int, breakdown: StepBreakdown
+) -> tuple[list[float], dict[str, float]]:
+    """Times of ``steps`` engine steps in which all ``batch`` requests decode, and their phases.
 
     Timing starts ``warmup`` decode steps after every request is decoding
     (requests whose prefill ends early decode while the others prefill).
     """
     engine = llm.llm_engine
-    scheduler = engine.engine_core.engine_core.scheduler
     timed: list[float] = []
     decoded = 0
     while len(timed) < steps:
-        running = list(scheduler.requests.values())
-        decoding = len(running) == batch and all(
-            r.num_computed_tokens >= r.num_prompt_tokens for r in running
-        )
+        decoding = all_decoding(llm, batch)
+        if decoding and decoded == warmup:
+            breakdown.start()
         start = time.perf_counter()
         engine.step()
         seconds = time.perf_counter() - start
@@ -149,7 +163,12 @@ def timed_decode_steps(llm, batch: int, steps: int, warmup: int) -> list[float]:
             decoded += 1
             if decoded > warmup:
                 timed.append(seconds)
-    return timed
+    return timed, breakdown.stop(len(timed))
+
+
+def mean_phases(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Each phase's milliseconds per step, averaged over runs."""
+    return {phase: statistics.mean(run.get(phase, 0.0) for run in runs) for phase in runs[0]}
 
 
 def measure_window(window: int, args: argparse.Namespace, bar) -> list[dict]:
@@ -167,6 +186,7 @@ def measure_window(window: int, args: argparse.Namespace, bar) -> list[dict]:
     cells = []
     for batch in sorted(args.batches, reverse=True):
         runs: dict[str, list[float]] = {mode: [] for mode in args.modes}
+        phases: dict[str, list[dict[str, float]]] = {mode: [] for mode in args.modes}
         while (
             len(runs[args.modes[0]]) < args.repeats
             or min(sum(seconds) * BLOCK_SIZE for seconds in runs.values()) < args.min_seconds
@@ -174,7 +194,9 @@ def measure_window(window: int, args: argparse.Namespace, bar) -> list[dict]:
             order = args.modes if len(runs[args.modes[0]]) % 2 == 0 else args.modes[::-1]
             for mode in order:
                 engines[mode].send(batch)
-                runs[mode].append(engines[mode].recv())
+                seconds, run_phases = engines[mode].recv()
+                runs[mode].append(seconds)
+                phases[mode].append(run_phases)
         bar.update()
         cell = {"window": window, "cached_tokens": args.sinks + window, "batch": batch}
         step = {mode: statistics.median(seconds) for mode, seconds in runs.items()}
@@ -182,6 +204,8 @@ def measure_window(window: int, args: argparse.Namespace, bar) -> list[dict]:
             cell[f"{mode}_tokens_per_s"] = batch / step[mode]
         if len(step) == 2:
             cell["ratio"] = step["dense"] / step["streaming"]
+        for mode in args.modes:
+            cell[f"{mode}_ms_per_step_by_phase"] = mean_phases(phases[mode])
         for mode in args.modes:
             cell[f"{mode}_step_seconds_per_run"] = runs[mode]
         cells.append(cell)
