@@ -1,7 +1,7 @@
 """Where an engine step's time goes, phase by phase, timed inside the engine.
 
 py-spy could not place a gap of a few percent between two engines here: it
-slowed decode steps by 30-70% and sampled the two engine processes at
+slowed decode steps by 15-160% and sampled the two engine processes at
 different rates. This wraps a fixed set of engine methods with wall-clock
 timers instead (some 70 calls a step, a few microseconds each), so that each
 run reports the milliseconds per step of each phase for streaming and dense
