@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from importlib import import_module
 
-PATCHES = ("engine_args_cli", "engine_args_config")
+PATCHES = ("engine_args_cli", "engine_args_config", "default_max_tokens")
 """Module names, applied in this order."""
 
 APPLIED: dict[str, bool] = {}

@@ -1,4 +1,4 @@
-"""The OpenAI server past the model's context: chat, SSE, disconnects, bad requests.
+"""The OpenAI server past the model's context: chat, SSE, disconnects, bad requests, seeds.
 
 The server runs SmolLM2 with its declared context cut to 1024 positions (same
 weights, same RoPE), so that histories outgrow the context in a few hundred
@@ -14,6 +14,8 @@ import openai
 import pytest
 import requests
 from serve_helpers import vllm_serve, with_short_context
+
+from vllm_sink.config import UNLIMITED_STREAM_LEN
 
 pytestmark = pytest.mark.engine
 
@@ -171,3 +173,51 @@ def test_bad_request_gets_400_and_the_server_keeps_serving(server, change, says)
     good = {"model": server.model, "prompt": "Hello", "max_tokens": 4}
     reply = requests.post(f"{server.url}/v1/completions", json=good, timeout=60)
     assert reply.status_code == 200, reply.text
+
+
+def test_seeded_sampling_past_a_prefill_chunk_is_reproducible(server, client, book):
+    """OpenAI clients send ``seed``; the book's prompt takes six prefill chunks."""
+
+    def seeded(seed: int) -> str:
+        reply = client.completions.create(
+            model=server.model, prompt=book, max_tokens=16, temperature=1.0, seed=seed
+        )
+        assert reply.usage.prompt_tokens > 256
+        return reply.choices[0].text
+
+    first = seeded(7)
+    assert seeded(7) == first
+    assert seeded(8) != first
+
+
+def test_chat_without_max_tokens_stops_at_the_models_context(server):
+    """Chat clients mostly omit ``max_tokens`` (``/v1/completions`` defaults to 16)."""
+    body = {"model": server.model, "messages": [{"role": "user", "content": "Tell a story."}],
+            "temperature": 0, "ignore_eos": True}  # fmt: skip
+    reply = requests.post(f"{server.url}/v1/chat/completions", json=body, timeout=600)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["finish_reason"] == "length"
+    assert reply.json()["usage"]["completion_tokens"] == CONTEXT
+
+
+def test_models_endpoint_reports_no_length_limit(server):
+    """Clients that size requests by ``max_model_len`` never truncate a history."""
+    model = requests.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]
+    assert model["max_model_len"] == UNLIMITED_STREAM_LEN
+
+
+def test_prompt_embeds_get_400_and_the_server_keeps_serving(server):
+    import base64
+    import io
+
+    import torch
+
+    embeds = io.BytesIO()
+    torch.save(torch.zeros(8, 576), embeds)
+    body = {"model": server.model, "max_tokens": 4,
+            "prompt_embeds": base64.b64encode(embeds.getvalue()).decode()}  # fmt: skip
+    reply = requests.post(f"{server.url}/v1/completions", json=body, timeout=60)
+    assert reply.status_code == 400, reply.text
+    assert "enable-prompt-embeds" in reply.json()["error"]["message"]
+    good = {"model": server.model, "prompt": "Hello", "max_tokens": 4}
+    assert requests.post(f"{server.url}/v1/completions", json=good, timeout=60).status_code == 200

@@ -56,9 +56,10 @@ def test_sinks_alone_turn_streaming_on_with_default_window():
 @pytest.mark.parametrize(
     "config,message",
     [
-        ({"streaming_sinks": -1}, "--streaming-sinks must be 0 or more"),
-        ({"streaming_window": 0}, "--streaming-window must be at least 1"),
-        ({"streaming_sinks": "four"}, "--streaming-sinks must be an integer"),
+        ({"streaming_sinks": -1}, "--streaming-sinks .* must be 0 or more"),
+        ({"streaming_window": 0}, "--streaming-window .* must be at least 1"),
+        ({"streaming_sinks": "four"}, "--streaming-sinks .* must be an integer"),
+        ({"streaming_sink": 4}, "unknown streaming setting 'streaming_sink'"),
     ],
 )
 def test_bad_values_are_refused(config, message):
@@ -101,6 +102,9 @@ def engine_config(model, **kwargs):
             {"data_parallel_size": 2},
             "data parallelism",
         ),
+        ({"streaming_sinks": 4}, {"enable_prompt_embeds": True}, "--enable-prompt-embeds"),
+        ({"streaming_sinks": 4}, {"enable_prefix_caching": True}, "--enable-prefix-caching"),
+        ({"streaming_sinks": 4}, {"max_model_len": 2**62}, "--max-model-len .* leave it out"),
     ],
 )
 def test_bad_settings_fail_at_start_up(tiny_llama, settings, extra, message):
@@ -131,9 +135,7 @@ def test_unsupported_models_are_refused(tmp_path):
 
 def test_streaming_settings_shape_the_engine_config(tiny_llama):
     config = engine_config(
-        tiny_llama,
-        additional_config={"streaming_sinks": 4, "streaming_window": 256},
-        enable_prefix_caching=True,
+        tiny_llama, additional_config={"streaming_sinks": 4, "streaming_window": 256}
     )
     assert config.parallel_config.worker_cls == "vllm_sink.worker.StreamingCPUWorker"
     assert config.cache_config.enable_prefix_caching is False
@@ -174,3 +176,32 @@ def test_plugin_import_is_light_and_registration_idempotent():
         "assert help.count('--streaming-sinks') == 1, help"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+FUZZED_VALUES = [-1, 0, -(2**70), 2**70, 2**200, 1.5, 4.0, "4.5", "",
+                 "x", None, True, [4], {"a": 1}]  # fmt: skip
+
+
+@pytest.mark.parametrize("key", ["streaming_sinks", "streaming_window"])
+@pytest.mark.parametrize("value", FUZZED_VALUES, ids=repr)
+def test_fuzzed_settings_fail_at_start_up_naming_the_setting(tiny_llama, key, value):
+    """Any bad value gives the user's error naming the flag and key, never one from vLLM.
+
+    ``streaming_sinks: 0`` is a valid setting (window attention) and is let through.
+    """
+    settings = {key: value}
+    if key == "streaming_sinks" and value == 0 and not isinstance(value, bool):
+        config = engine_config(tiny_llama, additional_config=settings)
+        assert policy_from_vllm_config(config).sinks == 0
+        return
+    with pytest.raises(StreamingConfigError) as refused:
+        engine_config(tiny_llama, additional_config=settings, block_size=32)
+    flag = "--" + key.replace("_", "-")
+    assert flag in str(refused.value) or key.replace("_", " ") in str(refused.value)
+
+
+@pytest.mark.parametrize("argv", [["--streaming-sinks", "x"], ["--streaming-window", "1.5"]])
+def test_non_integer_flags_are_refused_by_the_parser(argv, capsys):
+    with pytest.raises(SystemExit):
+        parse_serve_args(argv)
+    assert f"argument {argv[0]}: invalid int value" in capsys.readouterr().err

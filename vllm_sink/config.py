@@ -19,17 +19,21 @@ if TYPE_CHECKING:
 
 SINKS_KEY = "streaming_sinks"
 WINDOW_KEY = "streaming_window"
+KEY_PREFIX = "streaming_"
+"""additional_config keys with this prefix are vllm-sink's: unknown ones are refused."""
 
 DEFAULT_SINKS = 4
 """The paper's choice: four initial tokens recover window attention's perplexity."""
 DEFAULT_WINDOW = 1020
 """The paper's main setting (4 sinks + 1020 recent tokens, a 1024-token cache)."""
-UNLIMITED_STREAM_LEN = 2**53 - 1
+UNLIMITED_STREAM_LEN = 2**40
 """``max_model_len`` when the user gives none: streams have no length limit.
 
-The worker holds each stream in its compact view, so nothing is sized by this
-number; it only has to be larger than any stream will ever be (and stay exact
-in JSON, where ``/v1/models`` reports it).
+About 1.1e12 tokens: 127 days of one stream at 100,000 tokens/s. The worker holds each
+stream in its compact view, so nothing is sized by this number, but vLLM
+multiplies it: ``kv_cache_size_tokens = max concurrency x max_model_len`` is
+sent between processes as a 64-bit integer, which stays below 2**63 for pools
+of up to 2**23 full-size streams (at 2**53, 1,024 streams overflow it).
 """
 
 
@@ -49,29 +53,44 @@ class StreamingSettings:
         """Parse the streaming keys; ``None`` when streaming is off."""
         if not isinstance(additional_config, Mapping):
             return None
+        unknown = sorted(
+            str(key)
+            for key in additional_config
+            if str(key).startswith(KEY_PREFIX) and key not in (SINKS_KEY, WINDOW_KEY)
+        )
+        if unknown:
+            raise StreamingConfigError(
+                f"unknown streaming setting {', '.join(map(repr, unknown))} in "
+                f"additional_config; the settings are {SINKS_KEY!r} and {WINDOW_KEY!r}"
+            )
         if SINKS_KEY not in additional_config and WINDOW_KEY not in additional_config:
             return None
-        sinks = _as_int(additional_config.get(SINKS_KEY, DEFAULT_SINKS), "--streaming-sinks")
-        window = _as_int(additional_config.get(WINDOW_KEY, DEFAULT_WINDOW), "--streaming-window")
+        sinks = _as_int(additional_config.get(SINKS_KEY, DEFAULT_SINKS), SINKS_KEY)
+        window = _as_int(additional_config.get(WINDOW_KEY, DEFAULT_WINDOW), WINDOW_KEY)
         if sinks < 0:
             raise StreamingConfigError(
-                f"--streaming-sinks must be 0 or more (got {sinks}); the paper uses 4"
+                f"{_name(SINKS_KEY)} must be 0 or more (got {sinks}); the paper uses 4"
             )
         if window < 1:
             raise StreamingConfigError(
-                f"--streaming-window must be at least 1 (got {window}); "
+                f"{_name(WINDOW_KEY)} must be at least 1 (got {window}); "
                 f"for example {DEFAULT_WINDOW}"
             )
         return cls(sinks=sinks, window=window)
 
 
-def _as_int(value: Any, flag: str) -> int:
+def _name(key: str) -> str:
+    """How a setting is named in messages: its flag and its additional_config key."""
+    return f"--{key.replace('_', '-')} ({key!r} in additional_config)"
+
+
+def _as_int(value: Any, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise StreamingConfigError(f"{flag} must be an integer (got {value!r})")
+        raise StreamingConfigError(f"{_name(key)} must be an integer (got {value!r})")
     try:
         return int(value)
     except ValueError:
-        raise StreamingConfigError(f"{flag} must be an integer (got {value!r})") from None
+        raise StreamingConfigError(f"{_name(key)} must be an integer (got {value!r})") from None
 
 
 def policy_from_vllm_config(vllm_config: VllmConfig) -> SinkWindowPolicy:

@@ -31,6 +31,7 @@ from vllm_sink.config import (
     StreamingConfigError,
     policy_from_vllm_config,
 )
+from vllm_sink.limits import default_max_tokens, trained_positions
 from vllm_sink.metrics import publish_streaming_metrics
 from vllm_sink.policy import SinkWindowPolicy
 
@@ -55,13 +56,15 @@ def create_streaming_engine_config(
     if chunk is not None and not chunk_chosen_by_user:
         # vLLM's default prefill chunk would carry positions past the model's
         # range: derive the config again with chunks that fit.
+        max_num_seqs = min(config.scheduler_config.max_num_seqs, chunk)
         logger.info(
-            "vllm-sink: prefill chunks limited to %d tokens to keep RoPE positions "
-            "within the model's range",
+            "vllm-sink: prefill chunks limited to %d tokens (--max-num-batched-tokens) to "
+            "keep RoPE positions within the model's range; --max-num-seqs %d",
             chunk,
+            max_num_seqs,
         )
         args.max_num_batched_tokens = chunk
-        args.max_num_seqs = min(config.scheduler_config.max_num_seqs, chunk)
+        args.max_num_seqs = max_num_seqs
         with long_streams_allowed():
             config = create(args, *create_args, **create_kwargs)
     check_engine_config(config)
@@ -99,15 +102,25 @@ def prepare_engine_args(args: EngineArgs) -> None:
         "--no-enable-chunked-prefill (long prompts stream through chunks)": (
             args.enable_chunked_prefill is False
         ),
+        "--enable-prompt-embeds (a stream's window is kept as token ids)": (
+            args.enable_prompt_embeds
+        ),
+        "--enable-prefix-caching (evicted, re-rotated KV blocks are not a function of "
+        "their token prefix; leave the flag out)": args.enable_prefix_caching,
     }
     for feature, requested in refusals.items():
         if requested:
             raise StreamingConfigError(f"vllm-sink streaming does not support {feature}")
+    if isinstance(args.max_model_len, int) and args.max_model_len > UNLIMITED_STREAM_LEN:
+        raise StreamingConfigError(
+            f"--max-model-len {args.max_model_len} is above the {UNLIMITED_STREAM_LEN} tokens "
+            "vllm-sink allows; leave it out and streams have no length limit"
+        )
 
     args.worker_cls = CPU_WORKER
-    # Evicted, re-rotated blocks are not a function of their token prefix.
-    logger.info("vllm-sink: prefix caching is off for streams")
-    args.enable_prefix_caching = False
+    if args.enable_prefix_caching is None:
+        logger.info("vllm-sink: prefix caching is off for streams")
+        args.enable_prefix_caching = False
     if args.max_model_len is None:
         args.max_model_len = UNLIMITED_STREAM_LEN
 
@@ -143,14 +156,6 @@ def streaming_policy(config: VllmConfig) -> SinkWindowPolicy:
         return policy_from_vllm_config(config)
     except ValueError as error:
         raise StreamingConfigError(str(error)) from None
-
-
-def trained_positions(config: VllmConfig) -> int:
-    """Positions the model's RoPE table covers (the most a stream may use)."""
-    text_config = config.model_config.hf_text_config
-    return int(
-        getattr(text_config, "max_position_embeddings", 0) or config.model_config.max_model_len
-    )
 
 
 def position_overshoot(config: VllmConfig) -> int:
@@ -229,7 +234,8 @@ def check_engine_config(config: VllmConfig) -> None:
         policy.block_size,
         policy.max_resident_blocks,
         policy.max_cached_tokens,
-        "streams have no length limit"
+        f"streams have no length limit; requests without max_tokens stop after "
+        f"{default_max_tokens(config)} tokens (the model's context)"
         if model.max_model_len >= UNLIMITED_STREAM_LEN
         else f"streams stop at {model.max_model_len} tokens (--max-model-len)",
     )

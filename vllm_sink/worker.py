@@ -10,12 +10,13 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 
 from vllm_sink.config import policy_from_vllm_config
 from vllm_sink.model_runner import StreamingModelRunnerMixin
+from vllm_sink.seeded_sampling import SeededChunkedPrefillMixin
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
 
-class StreamingCPUModelRunner(StreamingModelRunnerMixin, CPUModelRunner):
+class StreamingCPUModelRunner(StreamingModelRunnerMixin, SeededChunkedPrefillMixin, CPUModelRunner):
     """vLLM's CPU model runner with sink + window streaming."""
 
 

@@ -1,0 +1,97 @@
+"""Ordinary requests and settings that must not break a streaming engine.
+
+Each test here drives a real vLLM engine: seeded sampling over chunked
+prefill, requests without ``max_tokens`` when streams have no length limit,
+and start-up of the default multiprocess engine with a pool of thousands of
+streams.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from engine_helpers import random_prompt, tiny_streaming_engine
+from tiny_llama import TINY_MAX_POSITIONS
+from vllm import SamplingParams
+
+pytestmark = pytest.mark.engine
+
+
+def sample(llm, prompt: list[int], params: SamplingParams) -> list[int]:
+    out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+    return list(out.outputs[0].token_ids)
+
+
+def test_seeded_sampling_does_not_depend_on_prefill_chunks(tiny_llama, engine_factory):
+    """A seeded request samples the same tokens whether its prompt came in one chunk or four.
+
+    vLLM samples (and drops) a token after every prefill chunk but the last;
+    on CPU generators its rewind of that sample used to kill the engine. The
+    prompt stays under sinks + window, so the chunking changes nothing else.
+    """
+    prompt = random_prompt(200, seed=5)
+    seeded = SamplingParams(
+        max_tokens=32, temperature=1.0, seed=1234, ignore_eos=True, detokenize=False
+    )
+    one_chunk = tiny_streaming_engine(engine_factory, tiny_llama, 4, 256, 32, 256)
+    expected = sample(one_chunk, prompt, seeded)
+    chunked = tiny_streaming_engine(engine_factory, tiny_llama, 4, 256, 32, 64)
+    assert sample(chunked, prompt, seeded) == expected
+    assert sample(chunked, prompt, seeded) == expected  # the engine lives on
+    other_seed = SamplingParams(
+        max_tokens=32, temperature=1.0, seed=4321, ignore_eos=True, detokenize=False
+    )
+    assert sample(chunked, prompt, other_seed) != expected  # the seed is what decides
+
+
+def test_request_without_max_tokens_stops_at_the_models_context(tiny_llama, engine_factory):
+    llm = tiny_streaming_engine(engine_factory, tiny_llama, 4, 252, 32, 256)
+    prompt = random_prompt(100, seed=6)
+    unset = SamplingParams(max_tokens=None, ignore_eos=True, detokenize=False)
+    assert len(sample(llm, prompt, unset)) == TINY_MAX_POSITIONS
+    # A request that names its length keeps it, past the context too.
+    named = SamplingParams(max_tokens=TINY_MAX_POSITIONS + 100, ignore_eos=True, detokenize=False)
+    assert len(sample(llm, prompt, named)) == TINY_MAX_POSITIONS + 100
+
+
+START_UP = textwrap.dedent(
+    """
+    import json, sys
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(sys.argv[1], dtype="float32", enforce_eager=True, block_size=32,
+              max_num_batched_tokens=32, max_num_seqs=32, skip_tokenizer_init=True,
+              additional_config={"streaming_sinks": 4, "streaming_window": 32})
+    cache = llm.llm_engine.vllm_config.cache_config
+    out = llm.generate([{"prompt_token_ids": list(range(3, 300))}],
+                       SamplingParams(max_tokens=8, ignore_eos=True, detokenize=False))
+    print("RESULT", json.dumps({"streams": cache.kv_cache_max_concurrency,
+                      "tokens": len(out[0].outputs[0].token_ids)}))
+    """
+)
+
+
+def test_default_multiprocess_engine_starts_with_thousands_of_streams(tiny_llama):
+    """vLLM sends ``max concurrency x max_model_len`` between processes as a 64-bit int."""
+    env = {
+        **os.environ,
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "1",  # the default, which tests otherwise turn off
+        "VLLM_CPU_KVCACHE_SPACE": "2",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", START_UP, str(tiny_llama)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
+    result = json.loads(line.removeprefix("RESULT "))
+    assert result["streams"] > 2_000
+    assert result["tokens"] == 8
