@@ -48,6 +48,22 @@ def window_starts(
     return starts
 
 
+def window_starts_of_steps(
+    steps: list[tuple[int, int]], sinks: int, window: int, block_size: int
+) -> list[int]:
+    """First attended non-sink token for each query, from the steps that computed them.
+
+    ``steps`` are ``(n, k)``: a step that started with ``n`` tokens computed and
+    computed ``k`` more (queries ``n .. n+k-1``), in the order they ran, from
+    ``n = 0``. For schedules no formula gives, e.g. a stream recomputed after a
+    preemption, with chunk sizes that depend on what else was running.
+    """
+    starts = [0] * max(n + k for n, k in steps)
+    for n, k in steps:
+        starts[n : n + k] = [sinks + evicted_tokens(n, sinks, window, block_size)] * k
+    return starts
+
+
 def _rope_cos_sin(
     positions: torch.Tensor, head_dim: int, theta: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
