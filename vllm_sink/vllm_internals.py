@@ -1,0 +1,93 @@
+"""Every private name of vLLM 0.32 that vllm-sink relies on, in one list.
+
+vLLM's public hooks (entry points, ``worker_cls``, the KV-spec registry,
+``additional_config``, logits processors) carry most of the plugin; what they
+do not cover is reached through the names below. Porting to another vLLM
+release, or to the GPU and V2 runners, starts here: ``tests/test_vllm_contract.py``
+checks each entry against the installed vLLM without starting an engine, and
+fails naming the one that moved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Internal:
+    """``owner.name`` in ``module``: a method (with the parameters we pass), or an attribute."""
+
+    module: str
+    owner: str
+    name: str
+    kind: str
+    """``method``, ``attribute`` (set on instances in the owner's code) or ``field`` (dataclass)."""
+    params: tuple[str, ...] = ()
+    """Parameter names the method must still take, where we call or override it."""
+    used_by: str = ""
+
+
+RUNNER = "vllm.v1.worker.gpu_model_runner"
+BATCH = "vllm.v1.worker.gpu_input_batch"
+SCHED_OUTPUT = "vllm.v1.core.sched.output"
+KV_MANAGER = "vllm.v1.core.single_type_kv_cache_manager"
+
+INTERNALS: tuple[Internal, ...] = (
+    # The V1 runner: overridden and read by the streaming runner mixins.
+    Internal(RUNNER, "GPUModelRunner", "_update_states", "method", ("scheduler_output",),
+             "model_runner"),
+    Internal(RUNNER, "GPUModelRunner", "_prepare_inputs", "method",
+             ("scheduler_output", "num_scheduled_tokens"), "model_runner"),
+    Internal(RUNNER, "GPUModelRunner", "_sample", "method",
+             ("logits", "spec_decode_metadata"), "seeded_sampling"),
+    Internal(RUNNER, "GPUModelRunner", "_bookkeeping_sync", "method",
+             ("scheduler_output", "sampler_output"), "seeded_sampling"),
+    Internal(RUNNER, "GPUModelRunner", "discard_request_mask", "attribute", (), "vllm_runner"),
+    Internal(RUNNER, "GPUModelRunner", "positions", "attribute", (), "model_runner"),
+    Internal(RUNNER, "GPUModelRunner", "requests", "attribute", (), "model_runner"),
+    Internal(RUNNER, "GPUModelRunner", "input_batch", "attribute", (), "model_runner"),
+    # The persistent batch, re-classed and rewritten row by row.
+    Internal(BATCH, "InputBatch", "add_request", "method", ("request",), "input_batch"),
+    Internal(BATCH, "InputBatch", "_make_sampling_metadata", "method", (), "model_runner"),
+    *(
+        Internal(BATCH, "InputBatch", name, "attribute", (), "model_runner")
+        for name in (
+            "token_ids_cpu", "is_token_ids", "num_prompt_tokens", "num_tokens_no_spec",
+            "num_computed_tokens_cpu", "block_table", "req_id_to_index", "generators",
+            "sampling_metadata", "logitsprocs",
+        )
+    ),
+    *(
+        Internal(BATCH, "CachedRequestState", name, "field", (), "model_runner")
+        for name in (
+            "req_id", "prompt_token_ids", "output_token_ids",
+            "block_ids", "num_computed_tokens", "sampling_params", "prompt_is_token_ids",
+        )
+    ),
+    Internal(BATCH, "CachedRequestState", "num_prompt_tokens", "attribute", (), "model_runner"),
+    *(
+        Internal(SCHED_OUTPUT, "CachedRequestData", name, "field", (), "model_runner")
+        for name in ("req_ids", "num_computed_tokens", "resumed_req_ids", "all_token_ids")
+    ),
+    # The scheduler's per-kind KV manager, subclassed.
+    Internal(KV_MANAGER, "SingleTypeKVCacheManager", "_remove_blocks_in_range", "method",
+             (), "kv_cache"),
+    Internal(KV_MANAGER, "SingleTypeKVCacheManager", "remove_skipped_blocks", "method",
+             ("request_id", "processed_computed_tokens"), "kv_cache"),
+    Internal(KV_MANAGER, "SingleTypeKVCacheManager", "__init__", "method",
+             ("kv_cache_spec", "max_admission_blocks_per_request"), "kv_cache"),
+    Internal(KV_MANAGER, "SingleTypeKVCacheManager", "req_to_blocks", "attribute", (),
+             "kv_cache"),
+    Internal("vllm.v1.kv_cache_spec_registry", "KVCacheSpecRegistry", "_ensure_registered",
+             "method", (), "kv_cache"),
+    # Elsewhere.
+    Internal("vllm.v1.worker.cpu_worker", "CPUWorker", "init_device", "method", (), "worker"),
+    Internal("vllm.v1.engine.input_processor", "InputProcessor", "process_inputs", "method",
+             ("request_id", "prompt", "params"), "patches.default_max_tokens"),
+    Internal("vllm.envs", "", "_is_envs_cache_enabled", "method", (), "engine_setup"),
+    Internal("vllm.model_executor.layers.rotary_embedding.base", "RotaryEmbedding",
+             "_compute_cos_sin_cache", "method", (), "rerotation"),
+    Internal("vllm._custom_ops", "", "cpu_attn_reshape_and_cache", "method",
+             ("key", "value", "key_cache", "value_cache", "slot_mapping", "isa"),
+             "cpu_kv_layout"),
+)  # fmt: skip
