@@ -5,6 +5,10 @@ from __future__ import annotations
 import gc
 import json
 import os
+import platform
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 # vLLM's CPU backend sizes its KV cache from NUMA node 0 unless told; engines run
@@ -44,8 +48,32 @@ def thread_setting() -> str:
     return "VLLM_CPU_OMP_THREADS_BIND=" + os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")
 
 
+def provenance() -> dict[str, str]:
+    """What a figure was measured with: commit, command, machine and vLLM CPU threads."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {
+        "commit": commit + ("-dirty" if dirty else ""),
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {memory_gib:.0f} GiB",
+        "threads": thread_setting(),
+    }
+
+
 def save_result(name: str, result: dict, print_without: tuple[str, ...] = ()) -> None:
-    """Write ``result`` to ``results/<name>.json`` and print it, less long ``print_without``."""
+    """Write ``result`` and its :func:`provenance` to ``results/<name>.json`` and print it.
+
+    Long entries named in ``print_without`` are written but not printed.
+    """
+    result = {**provenance(), **result}
     print(json.dumps({k: v for k, v in result.items() if k not in print_without}, indent=1))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))

@@ -2,8 +2,9 @@
 
 Every patch here exists because vLLM 0.32 has no hook for it; each module says
 which code it targets and why. ``apply_all`` is called from the plugin entry
-point in every vLLM process; each patch is idempotent and changes nothing
-unless streaming is requested. Installed as ``vllm_sink.patches``.
+point in every vLLM process (vLLM may load general plugins more than once) and
+applies each patch once; a patch changes nothing unless streaming is asked
+for. Installed as ``vllm_sink.patches``.
 """
 
 from __future__ import annotations

@@ -20,7 +20,6 @@ import functools
 
 from vllm_sink.config import DEFAULT_SINKS, DEFAULT_WINDOW, SINKS_KEY, WINDOW_KEY
 
-MARKER = "_vllm_sink_cli_patched"
 GROUP_TITLE = "Streaming (vllm-sink)"
 
 
@@ -66,8 +65,6 @@ def fold_into_additional_config(engine_args, args: argparse.Namespace) -> None:
 def apply() -> None:
     from vllm.engine.arg_utils import EngineArgs
 
-    if EngineArgs.__dict__.get(MARKER):
-        return
     original_add = EngineArgs.add_cli_args
     original_from = EngineArgs.from_cli_args.__func__
 
@@ -85,4 +82,3 @@ def apply() -> None:
 
     EngineArgs.add_cli_args = staticmethod(add_cli_args)
     EngineArgs.from_cli_args = classmethod(from_cli_args)
-    setattr(EngineArgs, MARKER, True)

@@ -19,14 +19,10 @@ from __future__ import annotations
 
 import functools
 
-MARKER = "_vllm_sink_config_patched"
-
 
 def apply() -> None:
     from vllm.engine.arg_utils import EngineArgs
 
-    if EngineArgs.__dict__.get(MARKER):
-        return
     original = EngineArgs.create_engine_config
 
     @functools.wraps(original)
@@ -40,4 +36,3 @@ def apply() -> None:
         return create_streaming_engine_config(self, original, *args, **kwargs)
 
     EngineArgs.create_engine_config = create_engine_config
-    setattr(EngineArgs, MARKER, True)

@@ -10,21 +10,18 @@ prompt of any length is admitted once that bound fits.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
+from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from vllm_sink.metrics import StreamingBoard
 from vllm_sink.policy import SinkWindowPolicy
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
-    from vllm.v1.core.block_pool import BlockPool
-    from vllm.v1.core.kv_cache_utils import BlockHashList, KVCacheBlock
-    from vllm.v1.request import Request
+    from vllm.v1.core.kv_cache_utils import KVCacheBlock
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,7 +73,11 @@ PUBLISH_INTERVAL_S = 0.5
 
 
 class StreamingSinkManager(SingleTypeKVCacheManager):
-    """Frees evicted window blocks; never shares blocks through prefix caching."""
+    """Frees evicted window blocks as a stream advances.
+
+    Streams run with prefix caching off (start-up refuses it), so vLLM never
+    asks this manager for cache hits nor to cache blocks.
+    """
 
     def __init__(self, kv_cache_spec: StreamingSinkSpec, **kwargs) -> None:
         self.policy = kv_cache_spec.policy
@@ -152,29 +153,9 @@ class StreamingSinkManager(SingleTypeKVCacheManager):
         )
 
     @classmethod
-    def find_longest_cache_hit(
-        cls,
-        block_hashes: BlockHashList,
-        max_length: int,
-        kv_cache_group_ids: list[int],
-        block_pool: BlockPool,
-        kv_cache_spec: KVCacheSpec,
-        drop_eagle_block: bool,
-        alignment_tokens: int,
-        dcp_world_size: int = 1,
-        pcp_world_size: int = 1,
-    ) -> tuple[tuple[list[KVCacheBlock], ...], int]:
-        return tuple([] for _ in kv_cache_group_ids), 0
-
-    def cache_blocks(
-        self,
-        request: Request,
-        num_tokens: int,
-        retention_interval: int | None = None,
-        *,
-        replay_boundaries: Sequence[int] = (),
-    ) -> None:
-        return
+    def find_longest_cache_hit(cls, *args, **kwargs):
+        """Abstract in the base class; vLLM calls it only with prefix caching on."""
+        raise NotImplementedError("vllm-sink streams run with prefix caching off")
 
 
 def _register_streaming_spec() -> None:
