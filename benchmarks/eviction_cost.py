@@ -26,9 +26,10 @@ import torch
 from common import BLOCK_SIZE, HEAD_SIZE, KV_HEADS, LAYERS, save_result
 
 from vllm_sink.cpu_kv_layout import PagedKV, PageLayout
-from vllm_sink.eviction import EvictionPlan, SinkKeys, apply_eviction_plan
+from vllm_sink.eviction import EvictionPlan, apply_eviction_plan
 from vllm_sink.policy import SinkWindowPolicy
 from vllm_sink.rerotation import RopeDeltas
+from vllm_sink.stream_state import StreamState
 
 ROPE_POSITIONS, THETA = 8192, 100000.0  # SmolLM2's RoPE table and base
 
@@ -51,13 +52,14 @@ def seconds_per_eviction(policy: SinkWindowPolicy, period: int, evictions: int) 
     blocks_held = policy.max_resident_blocks
     layers = smollm2_like_layers(blocks_held + 1)
     row = list(range(blocks_held))
-    sink_keys, times = SinkKeys(), []
+    stream, times = StreamState(prompt_len=0), []
     for k in range(1, evictions + 1):
         n = policy.sinks + policy.window + k * BLOCK_SIZE - 1  # the step of the k-th eviction
         plan = EvictionPlan(period)
-        plan.add(policy, "stream", row, n, (k - 1) * BLOCK_SIZE)
+        stream.shift = (k - 1) * BLOCK_SIZE
+        plan.add(policy, stream, row, n)
         start = time.perf_counter()
-        apply_eviction_plan(plan, layers, policy, sink_keys)
+        apply_eviction_plan(plan, layers, policy)
         times.append(time.perf_counter() - start)
     return statistics.mean(times[1:])  # the first also copies the sink keys
 

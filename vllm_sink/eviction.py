@@ -27,6 +27,7 @@ import torch
 from vllm_sink.cpu_kv_layout import PagedKV
 from vllm_sink.policy import SinkWindowPolicy
 from vllm_sink.rerotation import RopeDeltas
+from vllm_sink.stream_state import StreamState
 
 Layers = list[tuple[PagedKV, PagedKV, RopeDeltas]]
 
@@ -37,7 +38,7 @@ class EvictionPlan:
 
     period_blocks: int
     """Evictions between re-rotations of the window (``R / bs``)."""
-    streams: list[str] = field(default_factory=list)
+    streams: list[StreamState] = field(default_factory=list)
     head_blocks: list[int] = field(default_factory=list)
     tail_source_blocks: list[int] = field(default_factory=list)
     rebase_deltas: list[int] = field(default_factory=list)
@@ -52,17 +53,17 @@ class EvictionPlan:
     def add(
         self,
         policy: SinkWindowPolicy,
-        stream: str,
+        stream: StreamState,
         view_row: list[int] | torch.Tensor,
         num_computed_tokens: int,
-        shift_before: int,
     ) -> int:
         """Plan one stream's eviction; returns its new shift (evicted tokens).
 
         ``view_row`` is the stream's compact block row *before* this eviction:
         ``[head, first window block, ...]``, block ``c >= 1`` holding absolute
-        block ``c + shift_before / bs``.
+        block ``c + stream.shift / bs``. The caller moves ``stream.shift`` on.
         """
+        shift_before = stream.shift
         shift = policy.position_shift(num_computed_tokens)
         if shift <= shift_before:
             return shift_before
@@ -83,33 +84,19 @@ class EvictionPlan:
         return shift
 
 
-class SinkKeys:
-    """Each stream's sink keys as first computed, at cache positions ``0 .. S-1``."""
-
-    def __init__(self) -> None:
-        self._keys: dict[str, torch.Tensor] = {}  # [layers, heads, S, head_size]
-
-    def forget(self, stream: str) -> None:
-        self._keys.pop(stream, None)
-
-    def take_missing(self, plan: EvictionPlan, layers: Layers, sinks: int) -> None:
-        """Copy the sink keys of streams evicting for the first time (offset still 0)."""
-        new = [(i, s) for i, s in enumerate(plan.streams) if s not in self._keys]
-        if not new or not sinks:
-            return
-        heads = torch.tensor([plan.head_blocks[i] for i, _ in new])
-        per_layer = [keys.get(heads, slice(0, sinks)) for keys, _, _ in layers]
-        stacked = torch.stack(per_layer, dim=1)  # [streams, layers, heads, S, head_size]
-        for row, (_, stream) in enumerate(new):
-            self._keys[stream] = stacked[row].clone()
-
-    def of(self, streams: list[str]) -> torch.Tensor:
-        return torch.stack([self._keys[s] for s in streams])
+def take_first_sink_keys(plan: EvictionPlan, layers: Layers, sinks: int) -> None:
+    """Copy the sink keys of streams evicting for the first time (offset still 0)."""
+    new = [(i, s) for i, s in enumerate(plan.streams) if s.first_sink_keys is None]
+    if not new or not sinks:
+        return
+    heads = torch.tensor([plan.head_blocks[i] for i, _ in new])
+    per_layer = [keys.get(heads, slice(0, sinks)) for keys, _, _ in layers]
+    stacked = torch.stack(per_layer, dim=1)  # [streams, layers, heads, S, head_size]
+    for row, (_, stream) in enumerate(new):
+        stream.first_sink_keys = stacked[row].clone()
 
 
-def apply_eviction_plan(
-    plan: EvictionPlan, layers: Layers, policy: SinkWindowPolicy, sink_keys: SinkKeys
-) -> None:
+def apply_eviction_plan(plan: EvictionPlan, layers: Layers, policy: SinkWindowPolicy) -> None:
     """Carry out ``plan`` on every layer's cache (keys, values, rotary angles)."""
     as_long = lambda xs: torch.tensor(xs, dtype=torch.int64)  # noqa: E731
     window, window_deltas = as_long(plan.window_blocks), as_long(plan.window_deltas)
@@ -117,10 +104,11 @@ def apply_eviction_plan(
     rebase = as_long(plan.rebase_deltas)
     sink_moves = -as_long(plan.sink_offsets)  # from position s to s + offset
     sinks, tail, everything = slice(0, policy.sinks), slice(policy.sinks, None), slice(None)
-    sink_keys.take_missing(plan, layers, policy.sinks)
-    sinks_at_offset = (
-        sinks_rotated(sink_keys.of(plan.streams), layers, sink_moves) if policy.sinks else None
-    )
+    take_first_sink_keys(plan, layers, policy.sinks)
+    sinks_at_offset = None
+    if policy.sinks:
+        first_sinks = torch.stack([stream.first_sink_keys for stream in plan.streams])
+        sinks_at_offset = sinks_rotated(first_sinks, layers, sink_moves)
     for layer, (keys, values, rope) in enumerate(layers):
         if len(window):
             rotated = rope.rotate_back(keys.get(window).to(torch.float32), window_deltas)

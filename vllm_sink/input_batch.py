@@ -19,25 +19,24 @@ from collections.abc import Mapping
 
 from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
 
-from vllm_sink.stream_view import StreamView
+from vllm_sink.stream_state import StreamState
 
 
 class StreamingInputBatch(InputBatch):
     """``InputBatch`` whose rows are streams' compact views.
 
     The runner re-classes vLLM's instance (its constructor takes a dozen
-    version-specific arguments) and sets :attr:`stream_shifts`; nothing else
+    version-specific arguments) and sets :attr:`streams`; nothing else
     differs from the base class.
     """
 
-    stream_shifts: Mapping[str, int]
-    """Tokens evicted from each stream's view so far (kept by the runner)."""
+    streams: Mapping[str, StreamState]
+    """The runner's state of each stream."""
     sinks: int
 
     def add_request(self, request: CachedRequestState) -> int:
         assert request.prompt_token_ids is not None, "streams take token prompts"
-        shift = self.stream_shifts.get(request.req_id, 0)
-        view = StreamView(self.sinks, shift, len(request.prompt_token_ids))
+        view = self.streams[request.req_id].view(self.sinks)
         room = self.token_ids_cpu.shape[1] - len(request.output_token_ids)
         prompt = view.tokens(request.prompt_token_ids, (), 0, min(view.resident_prompt_len, room))
         # The copy shares the output list (penalties and logits processors
@@ -51,7 +50,7 @@ class StreamingInputBatch(InputBatch):
             request,
             sampling_params=params,
             prompt_token_ids=prompt,
-            num_computed_tokens=request.num_computed_tokens - shift,
+            num_computed_tokens=request.num_computed_tokens - view.shift,
             prompt_is_token_ids=None,
         )
         return super().add_request(compact)

@@ -38,12 +38,13 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 
 from vllm_sink.config import policy_from_vllm_config
 from vllm_sink.cpu_kv_layout import PagedKV, PageLayout
-from vllm_sink.eviction import EvictionPlan, SinkKeys, apply_eviction_plan
+from vllm_sink.eviction import EvictionPlan, apply_eviction_plan
 from vllm_sink.input_batch import StreamingInputBatch
 from vllm_sink.kv_cache import StreamingSinkSpec
 from vllm_sink.min_tokens import StreamMinTokens
 from vllm_sink.policy import SinkWindowPolicy
 from vllm_sink.rerotation import RopeDeltas
+from vllm_sink.stream_state import StreamState
 from vllm_sink.stream_view import StreamView
 
 if TYPE_CHECKING:
@@ -127,10 +128,7 @@ class StreamingModelRunnerMixin:
         self._streaming_ropes = {name: deltas[id(m)] for name, m in rotary.items()}
         rope_positions = min(len(d.cos) for d in deltas.values())
         self._rebase_period_blocks = self.streaming_policy.rebase_period_blocks(rope_positions)
-        self._stream_shifts: dict[str, int] = {}
-        self._sink_keys = SinkKeys()
-        self._min_tokens: dict[str, tuple[int, Collection[int]]] = {}
-        """Streams whose stop tokens are masked until they have this many outputs."""
+        self._streams: dict[str, StreamState] = {}
 
     def initialize_kv_cache(self, kv_cache_config, *args, **kwargs) -> None:
         super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
@@ -142,7 +140,7 @@ class StreamingModelRunnerMixin:
                 f"{policy.view_width}: the runner was not built by StreamingCPUWorker"
             )
         self.input_batch.__class__ = StreamingInputBatch
-        self.input_batch.stream_shifts = self._stream_shifts
+        self.input_batch.streams = self._streams
         self.input_batch.sinks = policy.sinks
         self.input_batch.logitsprocs.non_argmax_invariant.append(
             StreamMinTokens(self._rows_below_min_tokens)
@@ -178,16 +176,16 @@ class StreamingModelRunnerMixin:
 
     # -------------------------------------------------------------- every step
     def _update_states(self, scheduler_output: SchedulerOutput):
-        shifts = self._stream_shifts
+        streams = self._streams
         for req_id in scheduler_output.finished_req_ids:
-            shifts.pop(req_id, None)
-            self._min_tokens.pop(req_id, None)
-            self._sink_keys.forget(req_id)
+            streams.pop(req_id, None)
         for new_req in scheduler_output.scheduled_new_reqs:
-            shifts[new_req.req_id] = 0
+            assert new_req.prompt_token_ids is not None, "streams take token prompts"
+            stream = streams[new_req.req_id] = StreamState(len(new_req.prompt_token_ids))
             params = new_req.sampling_params
             if params is not None and params.min_tokens:
-                self._min_tokens[new_req.req_id] = (params.min_tokens, params.all_stop_token_ids)
+                stream.min_tokens = params.min_tokens
+                stream.stop_token_ids = params.all_stop_token_ids
         # Evict before vLLM appends this step's new blocks to the rows: a row
         # then never holds more than the cache.
         moved = self._evict(scheduler_output.scheduled_cached_reqs)
@@ -195,7 +193,7 @@ class StreamingModelRunnerMixin:
         batch = self.input_batch
         for i, req_id in enumerate(batch.req_ids[: batch.num_reqs]):
             computed = self.requests[req_id].num_computed_tokens
-            batch.num_computed_tokens_cpu[i] = computed - shifts[req_id]
+            batch.num_computed_tokens_cpu[i] = computed - streams[req_id].shift
         if moved and not batch.no_penalties:
             # Penalties read prompt tokens from the rows that moved.
             batch.sampling_metadata = batch._make_sampling_metadata()
@@ -210,7 +208,7 @@ class StreamingModelRunnerMixin:
         outputs = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
         batch, policy, period = self.input_batch, self.streaming_policy, self._rebase_period_blocks
         offsets = np.fromiter(
-            (policy.rope_offset(self._stream_shifts[r], period) for r in batch.req_ids),
+            (policy.rope_offset(self._streams[r].shift, period) for r in batch.req_ids),
             dtype=np.int64,
             count=batch.num_reqs,
         )
@@ -222,21 +220,21 @@ class StreamingModelRunnerMixin:
 
     def _evict(self, cached: CachedRequestData) -> bool:
         """Carry out this step's evictions and move each stream's view along."""
-        policy, shifts = self.streaming_policy, self._stream_shifts
+        policy = self.streaming_policy
         plan = EvictionPlan(self._rebase_period_blocks)
-        moved: list[tuple[str, int]] = []
+        moved: list[tuple[str, int, int]] = []
         for req_id, computed in zip(cached.req_ids, cached.num_computed_tokens):
             if req_id in cached.resumed_req_ids:
                 self._restart_view(req_id, cached.all_token_ids)
                 continue
-            before = shifts[req_id]
-            row = self.requests[req_id].block_ids[0]
-            shifts[req_id] = plan.add(policy, req_id, row, computed, before)
-            if shifts[req_id] != before:
-                moved.append((req_id, before))
+            stream = self._streams[req_id]
+            shift = plan.add(policy, stream, self.requests[req_id].block_ids[0], computed)
+            if shift != stream.shift:
+                moved.append((req_id, stream.shift, shift))
         if plan:
-            apply_eviction_plan(plan, self._streaming_layers, policy, self._sink_keys)
-        for req_id, before in moved:
+            apply_eviction_plan(plan, self._streaming_layers, policy)
+        for req_id, before, after in moved:
+            self._streams[req_id].shift = after
             self._move_view(req_id, before)
         return bool(moved)
 
@@ -250,16 +248,10 @@ class StreamingModelRunnerMixin:
         if history is None:
             raise RuntimeError(f"vllm-sink: no token history sent for resumed stream {req_id}")
         state = self.requests[req_id]
-        assert state.prompt_token_ids is not None
-        if req_id in self._min_tokens:  # outputs become prompt: count them as made
-            minimum, stop_token_ids = self._min_tokens[req_id]
-            made = len(history) - len(state.prompt_token_ids)
-            self._min_tokens[req_id] = (minimum - made, stop_token_ids)
+        self._streams[req_id].restart(len(history))
         state.prompt_token_ids = list(history)
         state.num_prompt_tokens = len(history)
         state.output_token_ids.clear()
-        self._stream_shifts[req_id] = 0
-        self._sink_keys.forget(req_id)
 
     def _move_view(self, req_id: str, shift_before: int) -> None:
         """Drop the evicted blocks and tokens from the stream's state and batch row."""
@@ -292,22 +284,20 @@ class StreamingModelRunnerMixin:
         batch.num_tokens_no_spec[i] = held
 
     def _view(self, req_id: str) -> StreamView:
-        prompt = self.requests[req_id].prompt_token_ids
-        assert prompt is not None, "streams take token prompts"
-        return StreamView(self.streaming_policy.sinks, self._stream_shifts[req_id], len(prompt))
+        return self._streams[req_id].view(self.streaming_policy.sinks)
 
     def _rows_below_min_tokens(self) -> list[tuple[int, Collection[int]]]:
         """Batch rows whose stop tokens stay masked, with those tokens."""
-        rows, done = [], []
-        for req_id, (minimum, stop_token_ids) in self._min_tokens.items():
+        rows = []
+        for req_id, stream in self._streams.items():
+            if not stream.min_tokens:
+                continue
             i = self.input_batch.req_id_to_index.get(req_id)
             if i is None:
                 continue
             outputs = self.requests[req_id].output_token_ids
-            if len(outputs) + self._view(req_id).dropped_outputs < minimum:
-                rows.append((i, stop_token_ids))
+            if len(outputs) + self._view(req_id).dropped_outputs < stream.min_tokens:
+                rows.append((i, stream.stop_token_ids))
             else:
-                done.append(req_id)
-        for req_id in done:
-            del self._min_tokens[req_id]
+                stream.min_tokens = 0
         return rows
