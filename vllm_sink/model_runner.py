@@ -36,7 +36,7 @@ from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import Attention
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 
-from vllm_sink.config import policy_from_vllm_config
+from vllm_sink.config import StreamingConfigError, policy_from_vllm_config
 from vllm_sink.cpu_kv_layout import PagedKV, PageLayout
 from vllm_sink.eviction import EvictionPlan, apply_eviction_plan
 from vllm_sink.input_batch import StreamingInputBatch
@@ -55,10 +55,6 @@ logger = init_logger("vllm.vllm_sink")
 SUPPORTED_BACKENDS = ("CPU_ATTN",)
 
 
-class UnsupportedModelError(RuntimeError):
-    pass
-
-
 def find_rotary_modules(
     model: torch.nn.Module, layer_names: set[str]
 ) -> dict[str, torch.nn.Module]:
@@ -74,7 +70,7 @@ def find_rotary_modules(
             found[attn.layer_name] = rotary
     missing = sorted(layer_names - found.keys())
     if missing:
-        raise UnsupportedModelError(
+        raise StreamingConfigError(
             f"vllm-sink needs a RoPE model whose attention modules keep `rotary_emb` "
             f"next to `attn`; found no rotary embedding for {missing[:3]}"
         )
@@ -99,7 +95,7 @@ class StreamingModelRunnerMixin:
                 or spec.sliding_window
                 or spec.attention_chunk_size
             ):
-                raise UnsupportedModelError(
+                raise StreamingConfigError(
                     f"vllm-sink supports models whose every layer is plain full "
                     f"attention; layer {name} has {type(spec).__name__}"
                     + (
@@ -117,12 +113,12 @@ class StreamingModelRunnerMixin:
         for name, layer in layers.items():
             backend = layer.get_attn_backend()
             if backend.get_name() not in SUPPORTED_BACKENDS:
-                raise UnsupportedModelError(
+                raise StreamingConfigError(
                     f"vllm-sink supports the {SUPPORTED_BACKENDS} attention backends; "
                     f"layer {name} uses {backend.get_name()}"
                 )
             if layer.impl.alibi_slopes is not None:
-                raise UnsupportedModelError("vllm-sink does not support ALiBi models yet")
+                raise StreamingConfigError("vllm-sink does not support ALiBi models yet")
         rotary = find_rotary_modules(self.get_model(), set(layers))
         deltas = {id(m): RopeDeltas.from_rotary_module(m) for m in rotary.values()}
         self._streaming_ropes = {name: deltas[id(m)] for name, m in rotary.items()}

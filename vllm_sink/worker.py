@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
-from vllm_sink.config import policy_from_vllm_config
+from vllm_sink.config import StreamingConfigError, policy_from_vllm_config
 from vllm_sink.model_runner import StreamingModelRunnerMixin
 from vllm_sink.seeded_sampling import SeededChunkedPrefillMixin
 
@@ -41,7 +41,7 @@ class StreamingCPUWorker(CPUWorker):
 
     def init_device(self) -> None:
         if self.use_v2_model_runner:
-            raise RuntimeError(
+            raise StreamingConfigError(
                 "vllm-sink supports vLLM's V1 model runner only; unset VLLM_USE_V2_MODEL_RUNNER"
             )
         super().init_device()
