@@ -93,3 +93,22 @@ def with_short_context(model: Path, context: int, path: Path) -> Path:
     config["max_position_embeddings"] = context
     (path / "config.json").write_text(json.dumps(config, indent=1))
     return path
+
+
+def server_process(server: Server):
+    """The ``vllm serve`` process behind ``server``: a child of this process.
+
+    ``vllm_serve`` yields only the URL; soak tests need the process itself to
+    sample the RSS of its whole tree and to send it signals.
+    """
+    import psutil
+
+    port = server.url.rsplit(":", 1)[1]
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.Error):
+            command = child.cmdline()
+            if "serve" in command and any(
+                a == "--port" and b == port for a, b in zip(command, command[1:])
+            ):
+                return child
+    raise RuntimeError(f"no vllm serve child of this process listens on port {port}")
