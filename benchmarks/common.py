@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import platform
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 # vLLM's CPU backend sizes its KV cache from NUMA node 0 unless told; engines run
@@ -16,15 +16,21 @@ from pathlib import Path
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
-MODEL = REPO / "models" / "SmolLM2-135M-Instruct"
-TEXT = REPO / "data" / "debian-handbook.txt"
+# Benchmarks run as scripts (``python benchmarks/x.py``): the checkout's root
+# makes the shared dev helpers importable.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from vllm_sink_dev.engines import shutdown  # noqa: E402
+from vllm_sink_dev.paths import REPO, RESULTS, TEXT  # noqa: E402
+from vllm_sink_dev.paths import SMOLLM2 as MODEL  # noqa: E402
+
+__all__ = ["REPO", "RESULTS", "TEXT", "MODEL", "shutdown"]
 
 # SmolLM2-135M's attention (its config.json) and vLLM CPU's default block size, for
 # benchmarks that size or shape a KV cache like the engine's.
 LAYERS, HEADS, KV_HEADS, HEAD_SIZE = 30, 9, 3, 64
 BLOCK_SIZE = 128
+DECODE_CHUNK = 1024
+"""``--max-num-batched-tokens`` of the decode-timing engines."""
 
 
 def handbook_tokens() -> list[int]:
@@ -32,15 +38,6 @@ def handbook_tokens() -> list[int]:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(MODEL)(TEXT.read_text())["input_ids"]
-
-
-def shutdown(llm) -> None:
-    """Stop an in-process engine so that the next one can start in this process."""
-    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-
-    llm.llm_engine.engine_core.shutdown()
-    gc.collect()
-    cleanup_dist_env_and_memory()
 
 
 def thread_setting() -> str:
@@ -77,3 +74,54 @@ def save_result(name: str, result: dict, print_without: tuple[str, ...] = ()) ->
     print(json.dumps({k: v for k, v in result.items() if k not in print_without}, indent=1))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
+
+
+def make_engine(
+    window: int | None, sinks: int, max_batch: int, eager: bool, chunk: int = DECODE_CHUNK
+):
+    """SmolLM2 in this process: streaming over ``sinks + window``, or dense without a window."""
+    from vllm import LLM
+
+    streaming = (
+        {"additional_config": {"streaming_sinks": sinks, "streaming_window": window}}
+        if window is not None
+        else {}
+    )
+    return LLM(
+        str(MODEL), dtype="float32", enforce_eager=eager, max_num_seqs=max_batch,
+        max_num_batched_tokens=chunk, disable_log_stats=True, **streaming,
+    )  # fmt: skip
+
+
+def all_decoding(llm, batch: int) -> bool:
+    """Whether the engine holds ``batch`` requests, every one past its prompt."""
+    running = list(llm.llm_engine.engine_core.engine_core.scheduler.requests.values())
+    return len(running) == batch and all(
+        r.num_computed_tokens >= r.num_prompt_tokens for r in running
+    )
+
+
+def timed_decode_steps(
+    llm, batch: int, steps: int, warmup: int, breakdown=None
+) -> tuple[list[float], dict[str, float]]:
+    """Times of ``steps`` engine steps in which all ``batch`` requests decode, and their phases.
+
+    Timing starts ``warmup`` decode steps after every request is decoding
+    (requests whose prefill ends early decode while the others prefill). The
+    phases come from ``breakdown`` (``step_breakdown.StepBreakdown``), if given.
+    """
+    engine = llm.llm_engine
+    timed: list[float] = []
+    decoded = 0
+    while len(timed) < steps:
+        decoding = all_decoding(llm, batch)
+        if decoding and decoded == warmup and breakdown is not None:
+            breakdown.start()
+        start = time.perf_counter()
+        engine.step()
+        seconds = time.perf_counter() - start
+        if decoding:
+            decoded += 1
+            if decoded > warmup:
+                timed.append(seconds)
+    return timed, breakdown.stop(len(timed)) if breakdown is not None else {}

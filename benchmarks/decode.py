@@ -40,24 +40,27 @@ from multiprocessing.connection import Connection
 
 from common import (
     BLOCK_SIZE,
+    DECODE_CHUNK,
     HEAD_SIZE,
     KV_HEADS,
     LAYERS,
     MODEL,
+    all_decoding,
     handbook_tokens,
+    make_engine,
     save_result,
     shutdown,
     thread_setting,
+    timed_decode_steps,
 )  # fmt: skip
 from step_breakdown import StepBreakdown
 
 KV_BYTES_PER_TOKEN = LAYERS * 2 * KV_HEADS * HEAD_SIZE * 4  # fp32 K and V
-CHUNK = 1024  # --max-num-batched-tokens
 
 
 def kv_cache_gib(window: int, sinks: int, max_batch: int) -> int:
     """``VLLM_CPU_KVCACHE_SPACE`` for one engine: every stream's bound, and a spare block."""
-    blocks = math.ceil((sinks + window + CHUNK) / BLOCK_SIZE) + 2
+    blocks = math.ceil((sinks + window + DECODE_CHUNK) / BLOCK_SIZE) + 2
     return math.ceil((max_batch * blocks + 1) * BLOCK_SIZE * KV_BYTES_PER_TOKEN / 2**30)
 
 
@@ -69,21 +72,6 @@ def stream_phases(batch: int, block_size: int) -> list[int]:
 def subset(batch: int, max_batch: int) -> list[int]:
     """The requests (by index) of a smaller batch: every ``max_batch // batch``-th."""
     return list(range(0, max_batch, max_batch // batch))[:batch]
-
-
-def make_engine(window: int | None, sinks: int, max_batch: int, eager: bool):
-    """SmolLM2 in this process: streaming over ``sinks + window``, or dense without a window."""
-    from vllm import LLM
-
-    streaming = (
-        {"additional_config": {"streaming_sinks": sinks, "streaming_window": window}}
-        if window is not None
-        else {}
-    )
-    return LLM(
-        str(MODEL), dtype="float32", enforce_eager=eager, max_num_seqs=max_batch,
-        max_num_batched_tokens=CHUNK, disable_log_stats=True, **streaming,
-    )  # fmt: skip
 
 
 def engine_process(conn: Connection, mode: str, window: int, args: argparse.Namespace) -> None:
@@ -131,39 +119,6 @@ def engine_process(conn: Connection, mode: str, window: int, args: argparse.Name
                 engine.step()
         conn.send((statistics.mean(timed), phases))
     shutdown(llm)
-
-
-def all_decoding(llm, batch: int) -> bool:
-    """Whether the engine holds ``batch`` requests, every one past its prompt."""
-    running = list(llm.llm_engine.engine_core.engine_core.scheduler.requests.values())
-    return len(running) == batch and all(
-        r.num_computed_tokens >= r.num_prompt_tokens for r in running
-    )
-
-
-def timed_decode_steps(
-    llm, batch: int, steps: int, warmup: int, breakdown: StepBreakdown
-) -> tuple[list[float], dict[str, float]]:
-    """Times of ``steps`` engine steps in which all ``batch`` requests decode, and their phases.
-
-    Timing starts ``warmup`` decode steps after every request is decoding
-    (requests whose prefill ends early decode while the others prefill).
-    """
-    engine = llm.llm_engine
-    timed: list[float] = []
-    decoded = 0
-    while len(timed) < steps:
-        decoding = all_decoding(llm, batch)
-        if decoding and decoded == warmup:
-            breakdown.start()
-        start = time.perf_counter()
-        engine.step()
-        seconds = time.perf_counter() - start
-        if decoding:
-            decoded += 1
-            if decoded > warmup:
-                timed.append(seconds)
-    return timed, breakdown.stop(len(timed))
 
 
 def mean_phases(runs: list[dict[str, float]]) -> dict[str, float]:

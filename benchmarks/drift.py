@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 
-from common import MODEL, REPO, handbook_tokens, save_result, shutdown, thread_setting
+from common import MODEL, handbook_tokens, save_result, shutdown, thread_setting
 
 
 def show_progress(core, total: int):
@@ -101,8 +100,7 @@ def fresh_layer0_keys(token_ids: list[int], offset: int):
     import torch
     from transformers import AutoModelForCausalLM
 
-    sys.path.insert(0, str(REPO / "tests"))
-    from reference import _rope_cos_sin, _rotate
+    from vllm_sink_dev.reference import _rope_cos_sin, _rotate
 
     model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
     config = model.config

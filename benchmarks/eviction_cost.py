@@ -1,6 +1,6 @@
 """Worker time per eviction: RoPE offsets against re-rotating the window every time.
 
-One stream's evictions (``vllm_sink.eviction``) on a synthetic paged cache shaped
+One stream's evictions (``vllm_sink.worker.eviction``) on a synthetic paged cache shaped
 like SmolLM2's (30 layers, 3 KV heads of 64 dims, float32, blocks of 128, the
 CPU_ATTN key layout), decoding past ``--evictions`` evictions:
 
@@ -25,11 +25,11 @@ import time
 import torch
 from common import BLOCK_SIZE, HEAD_SIZE, KV_HEADS, LAYERS, save_result
 
-from vllm_sink.cpu_kv_layout import PagedKV, PageLayout
-from vllm_sink.eviction import EvictionPlan, apply_eviction_plan
-from vllm_sink.policy import SinkWindowPolicy
-from vllm_sink.rerotation import RopeDeltas
-from vllm_sink.stream_state import StreamState
+from vllm_sink.core.policy import SinkWindowPolicy
+from vllm_sink.core.rerotation import RopeDeltas
+from vllm_sink.core.stream_state import StreamState
+from vllm_sink.worker.cpu_attn_layout import PagedKV, PageLayout
+from vllm_sink.worker.eviction import EvictionPlan, apply_eviction_plan
 
 ROPE_POSITIONS, THETA = 8192, 100000.0  # SmolLM2's RoPE table and base
 

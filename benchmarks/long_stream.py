@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import MODEL, REPO, RESULTS, TEXT, save_result, thread_setting
+from common import MODEL, RESULTS, TEXT, save_result, thread_setting
 
 
 def main() -> None:
@@ -39,8 +39,7 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     if args.model == "tiny":
-        sys.path.insert(0, str(REPO / "tests"))
-        from tiny_llama import build_tiny_llama
+        from vllm_sink_dev.tiny_llama import build_tiny_llama
 
         model = str(build_tiny_llama(RESULTS / "tmp" / "tiny_llama"))
         prompt = [3 + (i * 7919) % 500 for i in range(max(args.prompt, 1))]

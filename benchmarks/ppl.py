@@ -18,7 +18,7 @@ paper's Figure 3 and Tables 1-2):
 
 ``--fidelity`` instead measures how the prefill chunk size changes perplexity
 against token-by-token streaming (the independent torch reference of
-``tests/reference.py`` with one token per step).
+``vllm_sink_dev/reference.py`` with one token per step).
 
 Writes ``results/<name>.json`` and a plot ``results/<name>.png``.
 
@@ -31,14 +31,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from common import (
     MODEL,
-    REPO,
     RESULTS,
     TEXT,
     handbook_tokens,
@@ -47,13 +45,11 @@ from common import (
     thread_setting,
 )
 
+from vllm_sink_dev.reference import StreamingLlamaReference, recompute_nll, window_starts
+
 CONTEXT = 8192
 SINKS = 4
 SEGMENT = 1024
-
-
-sys.path.insert(0, str(REPO / "tests"))
-from reference import StreamingLlamaReference, recompute_nll, window_starts  # noqa: E402
 
 
 def text_tokens(count: int) -> list[int]:

@@ -22,8 +22,15 @@ import argparse
 import statistics
 import time
 
-from common import MODEL, handbook_tokens, save_result, shutdown, thread_setting
-from decode import make_engine, timed_decode_steps
+from common import (
+    MODEL,
+    handbook_tokens,
+    make_engine,
+    save_result,
+    shutdown,
+    thread_setting,
+    timed_decode_steps,
+)
 
 PAPER_SPEEDUP_AT_4096 = 22.2  # Llama-2-13B on an A6000, the paper's Figure 10
 
@@ -60,7 +67,9 @@ def main() -> None:
         warmup = 4
         prompt = text[: cache + block_size - warmup]
         llm.llm_engine.add_request("stream", {"prompt_token_ids": prompt}, endless)
-        runs = [timed_decode_steps(llm, 1, block_size, warmup if run == 0 else 0) for run in (0, 1)]
+        runs = [
+            timed_decode_steps(llm, 1, block_size, warmup if run == 0 else 0)[0] for run in (0, 1)
+        ]
         streaming[cache] = statistics.median(statistics.mean(run) for run in runs)
         print(f"streaming, cache {cache}: {streaming[cache] * 1e3:.1f} ms/token", flush=True)
         llm.llm_engine.abort_request(["stream"])

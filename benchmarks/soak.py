@@ -1,6 +1,6 @@
 """Soak `vllm serve` with streaming: a mix of clients for many minutes, then check nothing leaked.
 
-Starts ``vllm serve`` itself (``tests/serve_helpers.py``) on SmolLM2 with its
+Starts ``vllm serve`` itself (``vllm_sink_dev/serve.py``) on SmolLM2 with its
 declared context cut to 1,024 positions, so that every long request outgrows
 it: 4 sinks + a 252-token window, KV blocks of 32 tokens, prefill chunks of
 256, float32, eager, both cores (``VLLM_CPU_OMP_THREADS_BIND=0-1``). Then
@@ -33,7 +33,6 @@ import http.client
 import json
 import random
 import socket
-import sys
 import tempfile
 import threading
 import time
@@ -43,14 +42,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
-MODEL = REPO / "models" / "SmolLM2-135M-Instruct"
-TEXT = REPO / "data" / "debian-handbook.txt"
+from common import MODEL, REPO, RESULTS, TEXT, provenance
 
-sys.path.insert(0, str(REPO / "tests"))
-from common import provenance  # noqa: E402
-from serve_helpers import (  # noqa: E402
+from vllm_sink_dev.serve import (  # noqa: E402
     Server,
     server_process,
     vllm_serve,

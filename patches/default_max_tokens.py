@@ -8,7 +8,7 @@ limit: ``max_model_len - prompt`` (set there for ``max_tokens=None``, and by
 the OpenAI server's ``get_max_tokens`` before). With streaming and no
 ``--max-model-len`` there is no limit, so such a request (most chat clients
 omit ``max_tokens``) would run until the model emits EOS, forever on a base
-model. Here it gets the default of :func:`vllm_sink.limits.default_max_tokens`
+model. Here it gets the default of :func:`vllm_sink.frontend.limits.default_max_tokens`
 instead: the model's own context.
 Why no hook: vLLM's per-server default, ``max_new_tokens`` in
 ``--override-generation-config``, also caps every request that asks for more,
@@ -29,7 +29,7 @@ def apply() -> None:
     @functools.wraps(original)
     def process_inputs(self, *args, **kwargs):
         request = original(self, *args, **kwargs)
-        from vllm_sink.limits import bound_open_ended_request
+        from vllm_sink.frontend.limits import bound_open_ended_request
 
         bound_open_ended_request(self.vllm_config, request)
         return request

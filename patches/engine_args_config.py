@@ -3,7 +3,7 @@
 Target (vLLM 0.32.0, ``vllm/engine/arg_utils.py``):
 ``EngineArgs.create_engine_config``, the one path from arguments to
 ``VllmConfig`` for ``vllm serve``, the benchmarks and offline ``LLM``.
-When ``additional_config`` asks for streaming, ``vllm_sink.engine_setup`` sets
+When ``additional_config`` asks for streaming, ``vllm_sink.frontend.engine_setup`` sets
 the streaming worker (vLLM's own ``worker_cls`` hook), turns prefix caching off
 and lifts the length cap before the config is derived, then checks the result
 against the model (deriving it once more with smaller prefill chunks when
@@ -31,7 +31,7 @@ def apply() -> None:
 
         if StreamingSettings.from_additional_config(self.additional_config) is None:
             return original(self, *args, **kwargs)
-        from vllm_sink.engine_setup import create_streaming_engine_config
+        from vllm_sink.frontend.engine_setup import create_streaming_engine_config
 
         return create_streaming_engine_config(self, original, *args, **kwargs)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,11 +13,10 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 import pytest  # noqa: E402
-from tiny_llama import build_tiny_llama  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
-SMOLLM2 = REPO / "models" / "SmolLM2-135M-Instruct"
-TEXT = REPO / "data" / "debian-handbook.txt"
+from vllm_sink_dev.engines import shutdown  # noqa: E402
+from vllm_sink_dev.paths import SMOLLM2, TEXT  # noqa: E402
+from vllm_sink_dev.tiny_llama import build_tiny_llama  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -41,16 +39,6 @@ def handbook_tokens(smollm2) -> list[int]:
         pytest.fail(f"{TEXT} is missing: run ./setup.sh first")
     tokenizer = AutoTokenizer.from_pretrained(smollm2)
     return tokenizer(TEXT.read_text()[:400_000])["input_ids"]
-
-
-def shutdown(llm) -> None:
-    """Stop an in-process engine so the next one can start in this process."""
-    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
-    cleanup_dist_env_and_memory()
 
 
 @pytest.fixture

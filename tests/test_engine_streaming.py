@@ -1,7 +1,7 @@
 """Streaming on a real vLLM engine, checked against the torch reference.
 
 Every engine here is vLLM's own (offline ``LLM``, in-process, eager); only the
-comparison side is ours (``tests/reference.py``).
+comparison side is ours (``vllm_sink_dev/reference.py``).
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import math
 import pytest
 import torch
 from engine_helpers import kv_manager, random_prompt, streaming, tiny_streaming_engine
-from reference import StreamingLlamaReference, window_starts
-from tiny_llama import build_tiny_llama
 from vllm import SamplingParams
+
+from vllm_sink_dev.reference import StreamingLlamaReference, window_starts
+from vllm_sink_dev.tiny_llama import build_tiny_llama
 
 pytestmark = pytest.mark.engine
 

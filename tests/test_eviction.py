@@ -14,11 +14,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_sink.cpu_kv_layout import PagedKV, PageLayout
-from vllm_sink.eviction import EvictionPlan, apply_eviction_plan
-from vllm_sink.policy import SinkWindowPolicy
-from vllm_sink.rerotation import RopeDeltas
-from vllm_sink.stream_state import StreamState
+from vllm_sink.core.policy import SinkWindowPolicy
+from vllm_sink.core.rerotation import RopeDeltas
+from vllm_sink.core.stream_state import StreamState
+from vllm_sink.worker.cpu_attn_layout import PagedKV, PageLayout
+from vllm_sink.worker.eviction import EvictionPlan, apply_eviction_plan
 
 HEAD = 8
 HEADS = 2

@@ -16,8 +16,9 @@ import textwrap
 
 import pytest
 from engine_helpers import random_prompt, tiny_streaming_engine
-from tiny_llama import TINY_MAX_POSITIONS
 from vllm import SamplingParams
+
+from vllm_sink_dev.tiny_llama import TINY_MAX_POSITIONS
 
 pytestmark = pytest.mark.engine
 

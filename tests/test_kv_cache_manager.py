@@ -9,8 +9,8 @@ import torch
 from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-from vllm_sink.kv_cache import StreamingSinkManager, StreamingSinkSpec
-from vllm_sink.policy import SinkWindowPolicy
+from vllm_sink.core.policy import SinkWindowPolicy
+from vllm_sink.scheduler.kv_cache import StreamingSinkManager, StreamingSinkSpec
 
 
 def make_manager(

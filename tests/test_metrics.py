@@ -9,13 +9,13 @@ import sys
 from prometheus_client import CollectorRegistry, generate_latest
 from test_kv_cache_manager import make_manager, owned, step
 
+from vllm_sink.core.policy import SinkWindowPolicy
 from vllm_sink.metrics import (
     BOARD_ENV,
     StreamingBoard,
     StreamingCollector,
     remove_orphaned_boards,
 )
-from vllm_sink.policy import SinkWindowPolicy
 
 
 def test_collector_exposes_what_the_board_holds():

@@ -12,8 +12,9 @@ from __future__ import annotations
 import math
 
 import pytest
-from reference import recompute_nll
 from vllm import SamplingParams
+
+from vllm_sink_dev.reference import recompute_nll
 
 pytestmark = pytest.mark.engine
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from vllm_sink.policy import ROPE_SPANS, SinkWindowPolicy
+from vllm_sink.core.policy import ROPE_SPANS, SinkWindowPolicy
 
 
 def simulate(policy: SinkWindowPolicy, steps: list[int]):

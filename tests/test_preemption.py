@@ -15,8 +15,9 @@ from collections import defaultdict
 import pytest
 import torch
 from engine_helpers import kv_manager, random_prompt, tiny_streaming_engine
-from reference import StreamingLlamaReference, window_starts_of_steps
 from vllm import SamplingParams
+
+from vllm_sink_dev.reference import StreamingLlamaReference, window_starts_of_steps
 
 pytestmark = pytest.mark.engine
 

@@ -9,8 +9,8 @@ from vllm.config import VllmConfig, set_current_vllm_config
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-from vllm_sink.cpu_kv_layout import PagedKV, PageLayout
-from vllm_sink.rerotation import RopeDeltas
+from vllm_sink.core.rerotation import RopeDeltas
+from vllm_sink.worker.cpu_attn_layout import PagedKV, PageLayout
 
 
 @pytest.mark.parametrize(

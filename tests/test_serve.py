@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import requests
-from reference import evicted_tokens
-from serve_helpers import vllm_serve
+
+from vllm_sink_dev.reference import evicted_tokens
+from vllm_sink_dev.serve import vllm_serve
 
 pytestmark = pytest.mark.engine
 

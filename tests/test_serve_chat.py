@@ -13,9 +13,9 @@ import time
 import openai
 import pytest
 import requests
-from serve_helpers import vllm_serve, with_short_context
 
 from vllm_sink.config import UNLIMITED_STREAM_LEN
+from vllm_sink_dev.serve import vllm_serve, with_short_context
 
 pytestmark = pytest.mark.engine
 

@@ -13,7 +13,7 @@ from vllm_sink.config import (
     StreamingSettings,
     policy_from_vllm_config,
 )
-from vllm_sink.worker import worker_config
+from vllm_sink.worker.cpu_worker import worker_config
 
 
 def parse_serve_args(argv: list[str]):
@@ -137,7 +137,7 @@ def test_streaming_settings_shape_the_engine_config(tiny_llama):
     config = engine_config(
         tiny_llama, additional_config={"streaming_sinks": 4, "streaming_window": 256}
     )
-    assert config.parallel_config.worker_cls == "vllm_sink.worker.StreamingCPUWorker"
+    assert config.parallel_config.worker_cls == "vllm_sink.worker.cpu_worker.StreamingCPUWorker"
     assert config.cache_config.enable_prefix_caching is False
     # No stream length limit; the worker sees sequences as long as the cache.
     assert config.model_config.max_model_len == UNLIMITED_STREAM_LEN

@@ -22,7 +22,8 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-from serve_helpers import Server, server_process
+
+from vllm_sink_dev.serve import Server, server_process
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import soak  # noqa: E402

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from vllm_sink.stream_view import StreamView
+from vllm_sink.core.stream_view import StreamView
 
 
 def resident(tokens: list[int], sinks: int, shift: int) -> list[int]:

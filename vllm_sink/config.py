@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from vllm_sink.policy import SinkWindowPolicy
+from vllm_sink.core.policy import SinkWindowPolicy
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

@@ -23,6 +23,7 @@ class Server:
     url: str
     log: Path
     model: str
+    process: subprocess.Popen
 
     def metrics(self) -> dict[str, float]:
         """Samples of vLLM's and vllm-sink's metrics, by name (labels dropped)."""
@@ -69,7 +70,7 @@ def vllm_serve(model: Path, flags: list[str], log: Path, kv_space_gib: int = 2) 
             time.sleep(2)
         else:
             raise RuntimeError(f"vllm serve did not become healthy in {STARTUP_TIMEOUT_S} s")
-        yield Server(url, log, str(model))
+        yield Server(url, log, str(model), process)
     finally:
         process.terminate()
         try:
@@ -96,19 +97,7 @@ def with_short_context(model: Path, context: int, path: Path) -> Path:
 
 
 def server_process(server: Server):
-    """The ``vllm serve`` process behind ``server``: a child of this process.
-
-    ``vllm_serve`` yields only the URL; soak tests need the process itself to
-    sample the RSS of its whole tree and to send it signals.
-    """
+    """The ``vllm serve`` process as a ``psutil.Process``: its tree's RSS, signals."""
     import psutil
 
-    port = server.url.rsplit(":", 1)[1]
-    for child in psutil.Process().children():
-        with contextlib.suppress(psutil.Error):
-            command = child.cmdline()
-            if "serve" in command and any(
-                a == "--port" and b == port for a, b in zip(command, command[1:])
-            ):
-                return child
-    raise RuntimeError(f"no vllm serve child of this process listens on port {port}")
+    return psutil.Process(server.process.pid)

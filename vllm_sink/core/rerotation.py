@@ -2,7 +2,7 @@
 
 vLLM caches keys after RoPE. To move a cached key ``d`` positions to the left
 (the window when a stream's RoPE offset drops back; the sinks move the other
-way at every eviction, see :mod:`vllm_sink.eviction`), rotations compose:
+way at every eviction, see :mod:`vllm_sink.worker.eviction`), rotations compose:
 ``R(p - d) k = R(-d) R(p) k``, so the cached key is rotated by ``-d``. The
 angles come from the layer's own rotary module (so its base, scaling and
 rotary dims stay right), normalised to unit length so that scalings which also

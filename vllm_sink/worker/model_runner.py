@@ -2,24 +2,24 @@
 
 A mixin over vLLM's V1 model runner. vLLM's scheduler counts a stream's tokens
 from its start; the runner keeps each stream as its cache holds it
-(:mod:`vllm_sink.stream_view`): sinks, then the resident window, renumbered
+(:mod:`vllm_sink.core.stream_view`): sinks, then the resident window, renumbered
 without the evicted gap. vLLM's own input preparation then gives every token
 its position in the cache, the kernel the compact block row and the cached
 length, and every per-request buffer stays as small as the cache:
 
 * before each step (before vLLM applies the scheduler's update, so that a
   row never holds more than the cache), the evictions the policy calls for
-  are carried out in the KV cache (see :mod:`vllm_sink.eviction`) and each
+  are carried out in the KV cache (see :mod:`vllm_sink.worker.eviction`) and each
   stream's view moves on: block row, token row, computed count and the
   output tokens kept for penalties;
 * each token's RoPE position is its index in the view plus the stream's
   offset (:meth:`SinkWindowPolicy.rope_offset`), added to the positions vLLM
   computed, so that most evictions leave the window's keys where they are;
 * the persistent batch writes new and re-added requests in their view
-  (:mod:`vllm_sink.input_batch`); its rows are ``view_width`` tokens wide
-  because the worker's config says so (:mod:`vllm_sink.worker`);
-* ``min_tokens`` is counted over the whole stream (:mod:`vllm_sink.min_tokens`);
-* each layer's spec becomes a :class:`~vllm_sink.kv_cache.StreamingSinkSpec`.
+  (:mod:`vllm_sink.worker.input_batch`); its rows are ``view_width`` tokens wide
+  because the worker's config says so (:mod:`vllm_sink.worker.cpu_worker`);
+* ``min_tokens`` is counted over the whole stream (:mod:`vllm_sink.worker.min_tokens`);
+* each layer's spec becomes a :class:`~vllm_sink.scheduler.kv_cache.StreamingSinkSpec`.
 """
 
 from __future__ import annotations
@@ -37,15 +37,15 @@ from vllm.model_executor.layers.attention import Attention
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 
 from vllm_sink.config import StreamingConfigError, policy_from_vllm_config
-from vllm_sink.cpu_kv_layout import PagedKV, PageLayout
-from vllm_sink.eviction import EvictionPlan, apply_eviction_plan
-from vllm_sink.input_batch import StreamingInputBatch
-from vllm_sink.kv_cache import StreamingSinkSpec
-from vllm_sink.min_tokens import StreamMinTokens
-from vllm_sink.policy import SinkWindowPolicy
-from vllm_sink.rerotation import RopeDeltas
-from vllm_sink.stream_state import StreamState
-from vllm_sink.stream_view import StreamView
+from vllm_sink.core.policy import SinkWindowPolicy
+from vllm_sink.core.rerotation import RopeDeltas
+from vllm_sink.core.stream_state import StreamState
+from vllm_sink.core.stream_view import StreamView
+from vllm_sink.scheduler.kv_cache import StreamingSinkSpec
+from vllm_sink.worker.cpu_attn_layout import PagedKV, PageLayout
+from vllm_sink.worker.eviction import EvictionPlan, apply_eviction_plan
+from vllm_sink.worker.input_batch import StreamingInputBatch
+from vllm_sink.worker.min_tokens import StreamMinTokens
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
@@ -78,7 +78,7 @@ def find_rotary_modules(
 
 
 class StreamingModelRunnerMixin:
-    """Mixed in front of a V1 model runner class (see :mod:`vllm_sink.worker`)."""
+    """Mixed in front of a V1 model runner class (see :mod:`vllm_sink.worker.cpu_worker`)."""
 
     # ------------------------------------------------------------ set-up hooks
     @functools.cached_property

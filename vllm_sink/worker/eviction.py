@@ -2,7 +2,7 @@
 
 When a stream's window slides by ``d`` tokens (whole blocks), before the step's
 forward pass. Cache index ``i`` holds RoPE position ``i + offset`` (see
-:mod:`vllm_sink.policy`); the offset takes up most slides, so:
+:mod:`vllm_sink.core.policy`); the offset takes up most slides, so:
 
 * the tail of the newest evicted block (slots ``S .. bs-1``) is copied into the
   head block: those are the tokens right before the new first window block,
@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_sink.cpu_kv_layout import PagedKV
-from vllm_sink.policy import SinkWindowPolicy
-from vllm_sink.rerotation import RopeDeltas
-from vllm_sink.stream_state import StreamState
+from vllm_sink.core.policy import SinkWindowPolicy
+from vllm_sink.core.rerotation import RopeDeltas
+from vllm_sink.core.stream_state import StreamState
+from vllm_sink.worker.cpu_attn_layout import PagedKV
 
 Layers = list[tuple[PagedKV, PagedKV, RopeDeltas]]
 

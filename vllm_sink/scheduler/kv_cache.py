@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
+from vllm_sink.core.policy import SinkWindowPolicy
 from vllm_sink.metrics import StreamingBoard
-from vllm_sink.policy import SinkWindowPolicy
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

@@ -31,9 +31,9 @@ from vllm_sink.config import (
     StreamingConfigError,
     policy_from_vllm_config,
 )
-from vllm_sink.limits import default_max_tokens, trained_positions
+from vllm_sink.core.policy import SinkWindowPolicy
+from vllm_sink.frontend.limits import default_max_tokens, trained_positions
 from vllm_sink.metrics import publish_streaming_metrics
-from vllm_sink.policy import SinkWindowPolicy
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 logger = init_logger("vllm.vllm_sink")
 
-CPU_WORKER = "vllm_sink.worker.StreamingCPUWorker"
+CPU_WORKER = "vllm_sink.worker.cpu_worker.StreamingCPUWorker"
 
 
 def create_streaming_engine_config(

@@ -9,8 +9,8 @@ from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
 from vllm_sink.config import StreamingConfigError, policy_from_vllm_config
-from vllm_sink.model_runner import StreamingModelRunnerMixin
-from vllm_sink.seeded_sampling import SeededChunkedPrefillMixin
+from vllm_sink.worker.model_runner import StreamingModelRunnerMixin
+from vllm_sink.worker.seeded_sampling import SeededChunkedPrefillMixin
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

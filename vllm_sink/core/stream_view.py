@@ -4,7 +4,7 @@ The scheduler counts a stream's tokens from its start (``a = 0, 1, ...``). The
 worker keeps each stream in the shape its KV cache has: the ``S`` sinks, then
 the resident window, numbered ``0, 1, ...`` without the evicted gap. With
 ``shift`` tokens evicted (a whole number of blocks, see
-:mod:`vllm_sink.policy`), absolute token ``a`` is at view index
+:mod:`vllm_sink.core.policy`), absolute token ``a`` is at view index
 
 * ``a`` if ``a < S`` (a sink), else
 * ``a - shift`` (resident only when ``a >= S + shift``).

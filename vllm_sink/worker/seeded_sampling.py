@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_sink import vllm_runner as runner_api
+from vllm_sink.worker import vllm_runner as runner_api
 
 
 class SeededChunkedPrefillMixin:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_sink.stream_view import StreamView
+from vllm_sink.core.stream_view import StreamView
 
 
 @dataclass

@@ -3,13 +3,13 @@
 vLLM's ``InputBatch.add_request`` copies a request's whole history (prompt and
 outputs) into a token row as wide as ``max_model_len``. A stream's history is
 unbounded, so the streaming runner gives its batch rows only as wide as the
-cache (:attr:`~vllm_sink.policy.SinkWindowPolicy.view_width`) and this
+cache (:attr:`~vllm_sink.core.policy.SinkWindowPolicy.view_width`) and this
 subclass writes what the view holds: the resident tokens, and of a prompt not
 yet computed, as much as fits (the runner refills the row as the stream
 advances).
 
 ``min_tokens`` is taken away from vLLM's built-in processor (which counts the
-kept outputs only) and enforced by :mod:`vllm_sink.min_tokens` instead.
+kept outputs only) and enforced by :mod:`vllm_sink.worker.min_tokens` instead.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
 
-from vllm_sink.stream_state import StreamState
+from vllm_sink.core.stream_state import StreamState
 
 
 class StreamingInputBatch(InputBatch):
@@ -45,7 +45,7 @@ class StreamingInputBatch(InputBatch):
         params = request.sampling_params
         if params is not None and params.min_tokens:
             params = params.clone()
-            params.min_tokens = 0  # enforced by vllm_sink.min_tokens
+            params.min_tokens = 0  # enforced by vllm_sink.worker.min_tokens
         compact = dataclasses.replace(
             request,
             sampling_params=params,

@@ -1,0 +1,11 @@
+"""The worker's side: the streaming worker and model runner, set through ``worker_cls``.
+
+* ``cpu_worker``: the worker vLLM starts (CPU backend) and the config it sees;
+* ``model_runner``: evictions and each stream's compact view, around vLLM's V1 runner;
+* ``input_batch``, ``min_tokens``, ``seeded_sampling``: the runner's pieces that
+  replace one piece of vLLM's behaviour each;
+* ``eviction``: carrying out an eviction in the paged cache, backend-independent;
+* ``cpu_attn_layout``: where the CPU_ATTN backend keeps each key and value (the
+  one backend adapter so far);
+* ``vllm_runner``: reads of the runner's private state (see ``vllm_internals``).
+"""

@@ -1,0 +1,10 @@
+"""Where set-up puts the model and the text, and where benchmarks write results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SMOLLM2 = REPO / "models" / "SmolLM2-135M-Instruct"
+TEXT = REPO / "data" / "debian-handbook.txt"
+RESULTS = REPO / "benchmarks" / "results"
