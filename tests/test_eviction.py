@@ -78,7 +78,7 @@ def test_resident_keys_keep_their_positions(sinks, spare_positions, chunk, style
             apply_eviction_plan(plan, layers, policy)
             del row[1 : 1 + (new_shift - shift) // block]
         shift = stream.shift = new_shift
-        offset = policy.rope_offset(shift, period)
+        offset = shift // block % period * block  # positions restart every period blocks
         for t in range(n, n + chunk):  # this step's tokens, written as vLLM would
             index = t - shift
             if index // block == len(row):

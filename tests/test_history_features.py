@@ -1,6 +1,6 @@
 """Sampling features that look at a request's history, in a stream past its first eviction.
 
-What each does (README, "What a stream remembers"):
+What each does (README, "What sampling sees"):
 
 * presence / frequency / repetition penalties count the tokens the stream
   still attends (sinks + window), not the whole history: checked against the
@@ -15,6 +15,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 from engine_helpers import random_prompt, streaming, tiny_streaming_engine
 from vllm import SamplingParams
 from vllm.sampling_params import RequestOutputKind
@@ -26,37 +27,58 @@ pytestmark = pytest.mark.engine
 SINKS, WINDOW, BLOCK, CHUNK = 4, 64, 32, 256
 
 
-def test_presence_penalty_counts_the_outputs_the_stream_attends(tiny_llama, engine_factory):
-    penalty = 1.5
+def penalised(kind: str, penalty: float, logits, prompt_tokens, output_tokens):
+    """vLLM's penalty of ``kind`` on one row of raw logits, written from its definition.
+
+    Presence and frequency count output tokens; repetition counts prompt and
+    output tokens, dividing positive logits and multiplying negative ones.
+    """
+    scores = logits.clone()
+    if kind == "presence":
+        scores[sorted(set(output_tokens))] -= penalty
+    elif kind == "frequency":
+        for token in output_tokens:
+            scores[token] -= penalty
+    else:
+        seen = sorted(set(prompt_tokens) | set(output_tokens))
+        scores[seen] = torch.where(scores[seen] > 0, scores[seen] / penalty, scores[seen] * penalty)
+    return scores
+
+
+@pytest.mark.parametrize("kind,penalty", [("presence", 1.5), ("frequency", 0.7),
+                                          ("repetition", 1.6)])  # fmt: skip
+def test_penalties_count_what_the_stream_attends(tiny_llama, engine_factory, kind, penalty):
     llm = tiny_streaming_engine(engine_factory, tiny_llama, SINKS, WINDOW, BLOCK, CHUNK)
     prompt = random_prompt(100, seed=21)
     params = SamplingParams(
-        max_tokens=400, temperature=0, presence_penalty=penalty, ignore_eos=True, detokenize=False
-    )
+        max_tokens=400, temperature=0, ignore_eos=True, detokenize=False,
+        **{f"{kind}_penalty": penalty},
+    )  # fmt: skip
     generated = list(llm.generate([{"prompt_token_ids": prompt}], params)[0].outputs[0].token_ids)
 
     # Teacher-forced on vLLM's tokens: at each step, the reference's greedy
-    # choice after the penalty over the outputs the query attends.
+    # choice after the penalty over the tokens the query attends.
     tokens = prompt + generated
     starts = window_starts(len(tokens), SINKS, WINDOW, BLOCK, prompt_len=len(prompt), chunk=CHUNK)
-    table = StreamingLlamaReference(tiny_llama).logprobs(tokens, SINKS, starts)
+    table = StreamingLlamaReference(tiny_llama).logits(tokens, SINKS, starts)
 
-    def choice(query: int, penalised_positions) -> tuple[int, float]:
-        scores = table[query].clone()
-        scores[sorted({tokens[a] for a in penalised_positions})] -= penalty
+    def choice(query: int, positions) -> tuple[int, float]:
+        outputs = [tokens[a] for a in positions if a >= len(prompt)]
+        prompt_part = [tokens[a] for a in positions if a < len(prompt)]
+        scores = penalised(kind, penalty, table[query], prompt_part, outputs)
         top2 = scores.topk(2).values
         return int(scores.argmax()), float(top2[0] - top2[1])
 
     compared = differs = 0
     for j, token in enumerate(generated):
         query = len(prompt) - 1 + j
-        outputs = range(len(prompt), query + 1)
-        attended = [a for a in outputs if a < SINKS or a >= starts[query]]
+        everything = range(query + 1)
+        attended = [a for a in everything if a < SINKS or a >= starts[query]]
         expected, margin = choice(query, attended)
         if margin > 1e-2:  # clear of float32 noise between the two implementations
             assert token == expected, f"output {j}"
             compared += 1
-        differs += expected != choice(query, outputs)[0]
+        differs += expected != choice(query, everything)[0]
     assert compared > 0.9 * len(generated)
     assert differs > 0, "whole-history penalties would have picked the same tokens"
 

@@ -10,15 +10,23 @@ from vllm_sink.core.policy import ROPE_SPANS, SinkWindowPolicy
 
 
 def simulate(policy: SinkWindowPolicy, steps: list[int]):
-    """Walk a stream through steps of ``q`` tokens; yield what each query sees."""
+    """Walk a stream through steps of ``q`` tokens; yield what each query sees.
+
+    What it sees is the README's rule, written out here: ``ev(n) = max(0,
+    (n + 1 - S - W) // bs)`` blocks evicted before a step starting at ``n``;
+    the policy's own answers are checked against it on the way.
+    """
+    sinks, window, block = policy.sinks, policy.window, policy.block_size
     n = 0
     for q in steps:
-        shift = policy.position_shift(n)
+        evicted = max(0, (n + 1 - sinks - window) // block)
+        assert policy.evicted_blocks(n) == evicted
+        shift = evicted * block
+        assert policy.position_shift(n) == shift
+        assert policy.attended_window_start(n) == sinks + shift
         for i in range(q):
             p = n + i
-            attended = list(range(min(policy.sinks, p + 1))) + list(
-                range(policy.attended_window_start(n), p + 1)
-            )
+            attended = list(range(min(sinks, p + 1))) + list(range(sinks + shift, p + 1))
             yield n, p, shift, attended
         n += q
 

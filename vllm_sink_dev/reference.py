@@ -96,6 +96,11 @@ class StreamingLlamaReference:
     @torch.no_grad()
     def logprobs(self, token_ids: list[int], sinks: int, starts: list[int]) -> torch.Tensor:
         """``out[p]`` = log-softmax of the next-token logits after position ``p``."""
+        return torch.log_softmax(self.logits(token_ids, sinks, starts), dim=-1)
+
+    @torch.no_grad()
+    def logits(self, token_ids: list[int], sinks: int, starts: list[int]) -> torch.Tensor:
+        """``out[p]`` = the next-token logits after position ``p`` (float32)."""
         model = self.model.model
         hidden = model.embed_tokens(torch.tensor(token_ids))
         for layer in model.layers:
@@ -107,8 +112,7 @@ class StreamingLlamaReference:
             out = self._streaming_attention(q, k, v, sinks, starts)
             hidden = hidden + attn.o_proj(out.reshape(len(token_ids), -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        logits = self.model.lm_head(model.norm(hidden))
-        return torch.log_softmax(logits.float(), dim=-1)
+        return self.model.lm_head(model.norm(hidden)).float()
 
     def _streaming_attention(self, q, k, v, sinks: int, starts: list[int]) -> torch.Tensor:
         group = self.num_heads // self.num_kv_heads
