@@ -35,22 +35,23 @@ KV_MANAGER = "vllm.v1.core.single_type_kv_cache_manager"
 INTERNALS: tuple[Internal, ...] = (
     # The V1 runner: overridden and read by the streaming runner mixins.
     Internal(RUNNER, "GPUModelRunner", "_update_states", "method", ("scheduler_output",),
-             "model_runner"),
+             "worker.model_runner"),
     Internal(RUNNER, "GPUModelRunner", "_prepare_inputs", "method",
-             ("scheduler_output", "num_scheduled_tokens"), "model_runner"),
+             ("scheduler_output", "num_scheduled_tokens"), "worker.model_runner"),
     Internal(RUNNER, "GPUModelRunner", "_sample", "method",
-             ("logits", "spec_decode_metadata"), "seeded_sampling"),
+             ("logits", "spec_decode_metadata"), "worker.seeded_sampling"),
     Internal(RUNNER, "GPUModelRunner", "_bookkeeping_sync", "method",
-             ("scheduler_output", "sampler_output"), "seeded_sampling"),
-    Internal(RUNNER, "GPUModelRunner", "discard_request_mask", "attribute", (), "vllm_runner"),
-    Internal(RUNNER, "GPUModelRunner", "positions", "attribute", (), "model_runner"),
-    Internal(RUNNER, "GPUModelRunner", "requests", "attribute", (), "model_runner"),
-    Internal(RUNNER, "GPUModelRunner", "input_batch", "attribute", (), "model_runner"),
+             ("scheduler_output", "sampler_output"), "worker.seeded_sampling"),
+    Internal(RUNNER, "GPUModelRunner", "discard_request_mask", "attribute", (),
+             "worker.vllm_runner"),
+    Internal(RUNNER, "GPUModelRunner", "positions", "attribute", (), "worker.model_runner"),
+    Internal(RUNNER, "GPUModelRunner", "requests", "attribute", (), "worker.model_runner"),
+    Internal(RUNNER, "GPUModelRunner", "input_batch", "attribute", (), "worker.model_runner"),
     # The persistent batch, re-classed and rewritten row by row.
-    Internal(BATCH, "InputBatch", "add_request", "method", ("request",), "input_batch"),
-    Internal(BATCH, "InputBatch", "_make_sampling_metadata", "method", (), "model_runner"),
+    Internal(BATCH, "InputBatch", "add_request", "method", ("request",), "worker.input_batch"),
+    Internal(BATCH, "InputBatch", "_make_sampling_metadata", "method", (), "worker.model_runner"),
     *(
-        Internal(BATCH, "InputBatch", name, "attribute", (), "model_runner")
+        Internal(BATCH, "InputBatch", name, "attribute", (), "worker.model_runner")
         for name in (
             "token_ids_cpu", "is_token_ids", "num_prompt_tokens", "num_tokens_no_spec",
             "num_computed_tokens_cpu", "block_table", "req_id_to_index", "generators",
@@ -58,36 +59,38 @@ INTERNALS: tuple[Internal, ...] = (
         )
     ),
     *(
-        Internal(BATCH, "CachedRequestState", name, "field", (), "model_runner")
+        Internal(BATCH, "CachedRequestState", name, "field", (), "worker.model_runner")
         for name in (
             "req_id", "prompt_token_ids", "output_token_ids",
             "block_ids", "num_computed_tokens", "sampling_params", "prompt_is_token_ids",
         )
     ),
-    Internal(BATCH, "CachedRequestState", "num_prompt_tokens", "attribute", (), "model_runner"),
+    Internal(BATCH, "CachedRequestState", "num_prompt_tokens", "attribute", (),
+             "worker.model_runner"),
     *(
-        Internal(SCHED_OUTPUT, "CachedRequestData", name, "field", (), "model_runner")
+        Internal(SCHED_OUTPUT, "CachedRequestData", name, "field", (), "worker.model_runner")
         for name in ("req_ids", "num_computed_tokens", "resumed_req_ids", "all_token_ids")
     ),
     # The scheduler's per-kind KV manager, subclassed.
     Internal(KV_MANAGER, "SingleTypeKVCacheManager", "_remove_blocks_in_range", "method",
-             (), "kv_cache"),
+             (), "scheduler.kv_cache"),
     Internal(KV_MANAGER, "SingleTypeKVCacheManager", "remove_skipped_blocks", "method",
-             ("request_id", "processed_computed_tokens"), "kv_cache"),
+             ("request_id", "processed_computed_tokens"), "scheduler.kv_cache"),
     Internal(KV_MANAGER, "SingleTypeKVCacheManager", "__init__", "method",
-             ("kv_cache_spec", "max_admission_blocks_per_request"), "kv_cache"),
+             ("kv_cache_spec", "max_admission_blocks_per_request"), "scheduler.kv_cache"),
     Internal(KV_MANAGER, "SingleTypeKVCacheManager", "req_to_blocks", "attribute", (),
-             "kv_cache"),
+             "scheduler.kv_cache"),
     Internal("vllm.v1.kv_cache_spec_registry", "KVCacheSpecRegistry", "_ensure_registered",
-             "method", (), "kv_cache"),
+             "method", (), "scheduler.kv_cache"),
     # Elsewhere.
-    Internal("vllm.v1.worker.cpu_worker", "CPUWorker", "init_device", "method", (), "worker"),
+    Internal("vllm.v1.worker.cpu_worker", "CPUWorker", "init_device", "method", (),
+             "worker.cpu_worker"),
     Internal("vllm.v1.engine.input_processor", "InputProcessor", "process_inputs", "method",
              ("request_id", "prompt", "params"), "patches.default_max_tokens"),
-    Internal("vllm.envs", "", "_is_envs_cache_enabled", "method", (), "engine_setup"),
+    Internal("vllm.envs", "", "_is_envs_cache_enabled", "method", (), "frontend.engine_setup"),
     Internal("vllm.model_executor.layers.rotary_embedding.base", "RotaryEmbedding",
-             "_compute_cos_sin_cache", "method", (), "rerotation"),
+             "_compute_cos_sin_cache", "method", (), "core.rerotation"),
     Internal("vllm._custom_ops", "", "cpu_attn_reshape_and_cache", "method",
              ("key", "value", "key_cache", "value_cache", "slot_mapping", "isa"),
-             "cpu_kv_layout"),
+             "worker.cpu_attn_layout"),
 )  # fmt: skip
