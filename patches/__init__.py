@@ -11,7 +11,12 @@ from __future__ import annotations
 
 from importlib import import_module
 
-PATCHES = ("engine_args_cli", "engine_args_config", "default_max_tokens")
+PATCHES = (
+    "engine_args_cli",
+    "engine_args_config",
+    "default_max_tokens",
+    "shutdown_ends_streams",
+)
 """Module names, applied in this order."""
 
 APPLIED: dict[str, bool] = {}

@@ -108,14 +108,10 @@ def test_sigterm_during_a_stream_exits_cleanly_and_leaves_nothing(served):
 
     ``vllm serve`` handles SIGTERM by aborting what runs (vLLM's default
     ``shutdown_timeout`` of 0: the engine core is killed at once), then exits
-    with 0. Open streams end in one of two ways, by a race inside vLLM 0.32:
-    the output handler sees the engine die and ends each stream with an error
-    event and ``[DONE]``; or ``AsyncLLM.shutdown`` cancels the handler first,
-    the stream stays open and silent, and uvicorn waits for the client to
-    hang up before the process exits (here: 4 of 5 tries with the streaming
-    flags, 1 of 4 without them). The client here gives up after 20 s of
-    silence, as a real one would, so either way the server must be gone
-    within 60 s of the signal.
+    with 0. Open streams must end at once with an error event and ``[DONE]``:
+    without ``patches/shutdown_ends_streams.py`` a race inside vLLM 0.32 left
+    them open and silent (2 of 4 tries here) and the server waited for the
+    client to hang up.
     """
     process = served.process
     tree = [process, *process.children(recursive=True)]
@@ -146,13 +142,15 @@ def test_sigterm_during_a_stream_exits_cleanly_and_leaves_nothing(served):
             tail.append(line)
     except requests.exceptions.ChunkedEncodingError:
         ended = "cut by the server"
-    except (requests.ConnectionError, requests.Timeout):  # the race described above
+    except (requests.ConnectionError, requests.Timeout):  # left open: vLLM's race
         ended = f"left open: the client gave up after {CLIENT_PATIENCE_S} s of silence"
     finally:
         reply.close()
     exit_code = process.wait(timeout=max(1.0, sent + 60 - time.time()))
     took_s = time.time() - sent
     assert exit_code == 0, f"vllm serve exited with {exit_code}"
+    assert ended == "closed by the server" and b"data: [DONE]" in tail, (ended, tail[-3:])
+    assert took_s < 10, f"vllm serve took {took_s:.1f} s to exit"
     _, left = psutil.wait_procs(tree[1:], timeout=10)
     assert not left, f"processes left running: {left}"
 
