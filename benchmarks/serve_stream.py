@@ -14,11 +14,10 @@ given ``--server-pid``, the RSS of the server's whole process tree. Writes
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import RESULTS, save_result
 
 
 def tree_rss_mib(pid: int | None) -> float | None:
@@ -98,8 +97,7 @@ def main() -> None:
         "samples": samples,
     }
     name = args.name or f"serve_stream_{args.tokens}"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1))
+    save_result(name, result, print_without=("samples",))  # threads: the client's, not the server's
     plot(result, RESULTS / f"{name}.png")
     blocks = [s["resident_blocks"] for s in samples]
     print(
