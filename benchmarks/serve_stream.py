@@ -19,23 +19,19 @@ from pathlib import Path
 
 from common import RESULTS, save_result
 
+from vllm_sink_dev.serve import metric_samples, tree_rss_mib
 
-def tree_rss_mib(pid: int | None) -> float | None:
+
+def server_rss_mib(pid: int | None) -> float | None:
     import psutil
 
-    if pid is None:
-        return None
-    root = psutil.Process(pid)
-    processes = [root, *root.children(recursive=True)]
-    return sum(p.memory_info().rss for p in processes if p.is_running()) / 2**20
+    return None if pid is None else tree_rss_mib(psutil.Process(pid))[0]
 
 
 def resident_blocks(url: str) -> float:
-    import requests
-
-    for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith("vllm_sink:resident_kv_blocks{"):
-            return float(line.rsplit(" ", 1)[1])
+    for key, value in metric_samples(url).items():
+        if key.startswith("vllm_sink:resident_kv_blocks{"):
+            return value
     raise RuntimeError(f"{url}/metrics has no vllm_sink figures: is streaming on?")
 
 
@@ -81,7 +77,7 @@ def main() -> None:
                         "tokens": now,
                         "seconds": round(time.time() - start, 1),
                         "resident_blocks": resident_blocks(args.url),
-                        "server_rss_mib": tree_rss_mib(args.server_pid),
+                        "server_rss_mib": server_rss_mib(args.server_pid),
                     }
                 )
             received = now

@@ -46,7 +46,9 @@ from common import MODEL, REPO, RESULTS, TEXT, provenance
 
 from vllm_sink_dev.serve import (  # noqa: E402
     Server,
+    metric_samples,
     server_process,
+    tree_rss_mib,
     vllm_serve,
     with_short_context,
 )
@@ -105,18 +107,6 @@ def read_tokens(tokenizer: Any) -> list[int]:
     return tokenizer(TEXT.read_text()[:400_000])["input_ids"]
 
 
-def metric_samples(url: str) -> dict[str, float]:
-    """Every sample of ``/metrics`` keyed by name and labels, as Prometheus prints them."""
-    import requests
-
-    samples = {}
-    for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            samples[key] = float(value)
-    return samples
-
-
 def finished_reasons(url: str) -> dict[str, float]:
     """``vllm:request_success_total`` by finish reason: aborts count clients that left."""
     reasons: dict[str, float] = collections.Counter()
@@ -125,18 +115,6 @@ def finished_reasons(url: str) -> dict[str, float]:
             reason = key.split('finished_reason="', 1)[1].split('"', 1)[0]
             reasons[reason] += value
     return dict(reasons)
-
-
-def tree_rss_mib(process: Any) -> tuple[float, int]:
-    """RSS of ``process`` and all its descendants (MiB), and how many processes that is."""
-    import psutil
-
-    total, count = 0, 0
-    for member in [process, *process.children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):
-            total += member.memory_info().rss
-            count += 1
-    return total / 2**20, count
 
 
 def alive(process: Any) -> bool:

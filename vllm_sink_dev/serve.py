@@ -27,13 +27,32 @@ class Server:
 
     def metrics(self) -> dict[str, float]:
         """Samples of vLLM's and vllm-sink's metrics, by name (labels dropped)."""
-        text = requests.get(f"{self.url}/metrics", timeout=10).text
-        samples = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name = line.split("{")[0].split(" ")[0]
-                samples[name] = float(line.rsplit(" ", 1)[1])
-        return samples
+        return {key.split("{")[0]: value for key, value in metric_samples(self.url).items()}
+
+
+def metric_samples(url: str) -> dict[str, float]:
+    """Every sample of ``url``/metrics, keyed by name and labels as Prometheus prints them."""
+    samples = {}
+    for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            samples[key] = float(value)
+    return samples
+
+
+def tree_rss_mib(process) -> tuple[float, int]:
+    """RSS of a ``psutil.Process`` and all its descendants (MiB), and how many processes that is.
+
+    A server is several processes (API server, engine core, worker).
+    """
+    import psutil
+
+    total, count = 0, 0
+    for member in [process, *process.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            total += member.memory_info().rss
+            count += 1
+    return total / 2**20, count
 
 
 def free_port() -> int:

@@ -32,7 +32,7 @@ class SeededChunkedPrefillMixin:
         generators = runner_api.seeded_generators(self)
         self._discarded_generator_states = {
             row: generators[row].get_state()
-            for row in runner_api.discarded_rows(self)
+            for row in (runner_api.discarded_rows(self) if generators else ())
             if row in generators
         }
         return super()._sample(*args, **kwargs)
