@@ -11,29 +11,39 @@ from test_kv_cache_manager import make_manager, owned, step
 
 from vllm_sink.core.policy import SinkWindowPolicy
 from vllm_sink.metrics import (
-    BOARD_ENV,
     StreamingBoard,
     StreamingCollector,
+    engine_key,
     remove_orphaned_boards,
 )
 
 
-def test_collector_exposes_what_the_board_holds():
-    board = StreamingBoard.create()
-    reader = StreamingBoard(board.path, writable=False)
-    board.publish(streams=3, evicted_blocks=41, max_resident_tokens=1100)
+def test_collector_exposes_its_engines_boards(tmp_path):
+    """Each engine core's board under its engine index; other engines' boards are not read."""
+    first = StreamingBoard.create(engine_key("1234", 0), tmp_path)
+    second = StreamingBoard.create(engine_key("1234", 1), tmp_path)
+    elsewhere = StreamingBoard.create(engine_key("999", 0), tmp_path)
+    first.publish({"streams": 3, "evicted_blocks": 41, "max_resident_tokens": 1100})
+    second.publish({"streams": 5})
+    elsewhere.publish({"streams": 7})
+    collector = StreamingCollector(tmp_path)
+    collector.add_engine("1234", model_name="m")
     registry = CollectorRegistry()
-    registry.register(StreamingCollector(reader, model_name="m"))
+    registry.register(collector)
     text = generate_latest(registry).decode()
     assert 'vllm_sink:streams{engine="0",model_name="m"} 3.0' in text
+    assert 'vllm_sink:streams{engine="1",model_name="m"} 5.0' in text
+    assert "7.0" not in text
     assert 'vllm_sink:evicted_blocks_total{engine="0",model_name="m"} 41.0' in text
     assert "# TYPE vllm_sink:evicted_blocks_total counter" in text
     assert 'vllm_sink:max_resident_kv_tokens_per_stream{engine="0",model_name="m"} 1100.0' in text
 
+    collector.remove_boards()  # the front end at exit: its engines' boards only
+    assert not first.path.exists() and not second.path.exists() and elsewhere.path.exists()
+    assert "vllm_sink:streams{" not in generate_latest(registry).decode()
 
-def test_manager_publishes_its_streams(monkeypatch):
-    board = StreamingBoard.create()
-    monkeypatch.setenv(BOARD_ENV, str(board.path))
+
+def test_manager_figures_count_its_streams():
     policy = SinkWindowPolicy(sinks=4, window=64, block_size=32, max_chunk_tokens=96)
     manager, _ = make_manager(policy, num_blocks=64)
     lengths = {"long": 0, "short": 0}
@@ -43,9 +53,8 @@ def test_manager_publishes_its_streams(monkeypatch):
     step(manager, "short", 0, 40)
     manager.remove_skipped_blocks("long", lengths["long"])
     manager.remove_skipped_blocks("short", 40)
-    manager._publish()
 
-    figures = board.read()
+    figures = manager.figures()
     # The long stream holds its 4 sinks plus tokens from the first one past its
     # evicted blocks: 960 - 4 - 64 + 1 = 893 spare positions, 27 whole blocks.
     long_resident = 960 - 27 * 32
@@ -58,7 +67,8 @@ def test_manager_publishes_its_streams(monkeypatch):
 
     manager.free("long")
     manager.free("short")
-    figures = board.read()
+    figures = manager.figures()
+    assert not manager.has_streams
     assert figures["streams"] == figures["resident_blocks"] == figures["resident_tokens"] == 0
     assert figures["evicted_blocks"] > 0  # a counter: it outlives the streams
 
@@ -80,7 +90,7 @@ def test_boards_of_dead_processes_are_removed(tmp_path):
     assert mine.exists() and elsewhere.exists() and unnamed.exists() and other.exists()
 
 
-def test_created_board_names_its_creator():
-    board = StreamingBoard.create()
+def test_created_board_names_its_creator_and_engine(tmp_path):
+    board = StreamingBoard.create(engine_key("1234", 2), tmp_path)
     namespace = os.stat("/proc/self/ns/pid").st_ino
-    assert board.path.name.startswith(f"vllm-sink-{namespace}-{os.getpid()}-")
+    assert board.path.name == f"vllm-sink-{namespace}-{os.getpid()}-1234-2.metrics"

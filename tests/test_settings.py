@@ -11,7 +11,7 @@ from vllm_sink.config import (
     UNLIMITED_STREAM_LEN,
     StreamingConfigError,
     StreamingSettings,
-    policy_from_vllm_config,
+    streaming_policy,
 )
 from vllm_sink.worker.cpu_worker import worker_config
 
@@ -105,6 +105,8 @@ def engine_config(model, **kwargs):
         ({"streaming_sinks": 4}, {"enable_prompt_embeds": True}, "--enable-prompt-embeds"),
         ({"streaming_sinks": 4}, {"enable_prefix_caching": True}, "--enable-prefix-caching"),
         ({"streaming_sinks": 4}, {"max_model_len": 2**62}, "--max-model-len .* leave it out"),
+        ({"streaming_sinks": 4}, {"scheduler_cls": "my.Scheduler"}, "remove --scheduler-cls"),
+        ({"streaming_sinks": 4}, {"worker_cls": "my.Worker"}, "remove --worker-cls"),
     ],
 )
 def test_bad_settings_fail_at_start_up(tiny_llama, settings, extra, message):
@@ -138,11 +140,13 @@ def test_streaming_settings_shape_the_engine_config(tiny_llama):
         tiny_llama, additional_config={"streaming_sinks": 4, "streaming_window": 256}
     )
     assert config.parallel_config.worker_cls == "vllm_sink.worker.cpu_worker.StreamingCPUWorker"
+    scheduler = config.scheduler_config.get_scheduler_cls()
+    assert scheduler.__module__ == "vllm_sink.scheduler.scheduler"
     assert config.cache_config.enable_prefix_caching is False
     # No stream length limit; the worker sees sequences as long as the cache.
     assert config.model_config.max_model_len == UNLIMITED_STREAM_LEN
     worker_side = worker_config(config)
-    assert worker_side.model_config.max_model_len == policy_from_vllm_config(config).view_width
+    assert worker_side.model_config.max_model_len == streaming_policy(config).view_width
     assert config.model_config.max_model_len == UNLIMITED_STREAM_LEN
     assert worker_side.cache_config is config.cache_config
 
@@ -160,6 +164,7 @@ def test_streaming_off_leaves_vllm_untouched(tiny_llama):
     original = EngineArgs.create_engine_config.__wrapped__(args)
     assert patched.compute_hash() == original.compute_hash()
     assert patched.parallel_config.worker_cls == original.parallel_config.worker_cls
+    assert patched.scheduler_config.scheduler_cls == original.scheduler_config.scheduler_cls
     assert patched.model_config.max_model_len == original.model_config.max_model_len == 2048
 
 
@@ -192,7 +197,7 @@ def test_fuzzed_settings_fail_at_start_up_naming_the_setting(tiny_llama, key, va
     settings = {key: value}
     if key == "streaming_sinks" and value == 0 and not isinstance(value, bool):
         config = engine_config(tiny_llama, additional_config=settings)
-        assert policy_from_vllm_config(config).sinks == 0
+        assert streaming_policy(config).sinks == 0
         return
     with pytest.raises(StreamingConfigError) as refused:
         engine_config(tiny_llama, additional_config=settings, block_size=32)

@@ -93,14 +93,22 @@ def _as_int(value: Any, key: str) -> int:
         raise StreamingConfigError(f"{_name(key)} must be an integer (got {value!r})") from None
 
 
-def policy_from_vllm_config(vllm_config: VllmConfig) -> SinkWindowPolicy:
-    """The engine's policy: the user's settings plus vLLM's block and chunk sizes."""
+def streaming_policy(vllm_config: VllmConfig) -> SinkWindowPolicy:
+    """The engine's policy: the user's settings plus vLLM's block and chunk sizes.
+
+    The one accessor the front end and the worker read the settings through;
+    the scheduler side reads the same policy from the KV cache spec the worker
+    built from it.
+    """
     settings = StreamingSettings.from_additional_config(vllm_config.additional_config)
     if settings is None:
         raise StreamingConfigError("streaming is not enabled in additional_config")
-    return SinkWindowPolicy(
-        sinks=settings.sinks,
-        window=settings.window,
-        block_size=vllm_config.cache_config.block_size,
-        max_chunk_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
-    )
+    try:
+        return SinkWindowPolicy(
+            sinks=settings.sinks,
+            window=settings.window,
+            block_size=vllm_config.cache_config.block_size,
+            max_chunk_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
+        )
+    except ValueError as error:
+        raise StreamingConfigError(str(error)) from None

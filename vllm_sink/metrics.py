@@ -1,13 +1,19 @@
 """Streaming figures on vLLM's ``/metrics``.
 
-The scheduler's KV cache manager (engine core process) owns the figures; the
-API server (the front-end process) serves ``/metrics``. vLLM carries scheduler
-figures to the front end in ``SchedulerStats``, a fixed dataclass with no room
-for a plugin's numbers, so the manager writes a handful of integers into a small
-shared file (a :class:`StreamingBoard`) and a Prometheus collector in the front
-end reads them at scrape time. The front end creates the file when it builds
-the engine config and hands its path to the engine core through the
-environment, which engine processes inherit.
+The engine core's scheduler owns the figures and makes them once per step, next
+to vLLM's own scheduler stats (:mod:`vllm_sink.scheduler.scheduler`); the API
+server serves ``/metrics`` in another process. vLLM carries scheduler figures
+to the front end in ``SchedulerStats``, a fixed dataclass with no room for a
+plugin's numbers, so each engine core writes a handful of integers into a
+small shared file named after its engine (a :class:`StreamingBoard`), and a
+Prometheus collector in the front end reads its engines' boards at scrape time.
+
+Two of vLLM's own mechanisms were weighed and not used. A
+``vllm.stat_logger_plugins`` entry point turns stats on for every ``AsyncLLM``
+in the environment, streaming or not and even under ``--disable-log-stats``,
+and the offline engine ignores it. prometheus_client's multiprocess mode must
+be chosen before prometheus_client is first imported in every process, and
+changes how all of vLLM's own metrics are stored and aggregated.
 """
 
 from __future__ import annotations
@@ -21,10 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-BOARD_ENV = "VLLM_SINK_METRICS_BOARD"
-"""Path of the current engine's board (set by the front end, read by the engine core)."""
 BOARD_PREFIX, BOARD_SUFFIX = "vllm-sink-", ".metrics"
-"""A board's file name: prefix, PID namespace, creator's process id, random part, suffix."""
+"""A board's file name: prefix, PID namespace, writer's process id, engine, suffix."""
 
 FIELDS = (
     "streams",
@@ -36,50 +40,66 @@ FIELDS = (
     "longest_stream_tokens",
     "blocks_per_stream_limit",
 )
+BOARD_BYTES = 8 * len(FIELDS)
+
+
+def board_directory() -> Path:
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() else Path(tempfile.gettempdir())
+
+
+def engine_key(instance_id: str, engine_index: int) -> str:
+    """Names one engine core in board file names: the config's instance id and its index."""
+    return f"{instance_id}-{engine_index}"
 
 
 class StreamingBoard:
-    """A few int64 figures in a memory-mapped file: one writer, any readers."""
+    """A few int64 figures in a memory-mapped file, written by one engine core."""
 
-    def __init__(self, path: Path, writable: bool) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self._values = np.memmap(
-            path, dtype=np.int64, mode="r+" if writable else "r", shape=(len(FIELDS),)
-        )
+        self._values = np.memmap(path, dtype=np.int64, mode="r+", shape=(len(FIELDS),))
 
     @classmethod
-    def create(cls) -> StreamingBoard:
-        """A zeroed board in shared memory, removed when this process exits.
+    def create(cls, engine: str, directory: Path | None = None) -> StreamingBoard:
+        """A zeroed board for ``engine`` (see :func:`engine_key`), removed when this process exits.
 
         Its name carries this process's id (and PID namespace), so that the
         next board created on the machine can remove it if this process dies
         without exiting (SIGKILL, OOM), when ``atexit`` never runs.
         """
-        shm = Path("/dev/shm")
-        directory = shm if shm.is_dir() else Path(tempfile.gettempdir())
+        directory = directory or board_directory()
         remove_orphaned_boards(directory)
-        fd, name = tempfile.mkstemp(
-            prefix=f"{_creator_prefix()}{os.getpid()}-", suffix=BOARD_SUFFIX, dir=directory
-        )
-        with os.fdopen(fd, "wb") as file:
-            file.write(bytes(8 * len(FIELDS)))
-        atexit.register(_remove, Path(name))
-        return cls(Path(name), writable=True)
+        path = directory / f"{_creator_prefix()}{os.getpid()}-{engine}{BOARD_SUFFIX}"
+        path.write_bytes(bytes(BOARD_BYTES))
+        atexit.register(_remove, path)
+        return cls(path)
 
-    @classmethod
-    def from_environment(cls) -> StreamingBoard | None:
-        """The board the front end created for this engine, if any."""
-        path = os.environ.get(BOARD_ENV)
-        if not path or not Path(path).exists():
-            return None
-        return cls(Path(path), writable=True)
-
-    def publish(self, **figures: int) -> None:
+    def publish(self, figures: dict[str, int]) -> None:
         for name, value in figures.items():
             self._values[FIELDS.index(name)] = value
 
-    def read(self) -> dict[str, int]:
-        return {name: int(value) for name, value in zip(FIELDS, self._values)}
+
+def read_board(path: Path) -> dict[str, int] | None:
+    """A board's figures, or ``None`` if it is gone or not written yet."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if len(data) != BOARD_BYTES:
+        return None
+    return dict(zip(FIELDS, (int(v) for v in np.frombuffer(data, dtype=np.int64))))
+
+
+def boards_of(instance_id: str, directory: Path | None = None) -> dict[str, Path]:
+    """Engine index -> board, for the engine cores of one engine config."""
+    directory = directory or board_directory()
+    found = {}
+    for path in directory.glob(f"{_creator_prefix()}*-{instance_id}-*{BOARD_SUFFIX}"):
+        engine = path.name.removesuffix(BOARD_SUFFIX).rpartition("-")[2]
+        if engine.isdigit():
+            found[engine] = path
+    return found
 
 
 def _remove(path: Path) -> None:
@@ -141,41 +161,58 @@ _METRICS = (
 
 
 class StreamingCollector:
-    """Prometheus collector that reads a board at scrape time."""
+    """Prometheus collector over the boards of this process's streaming engines.
 
-    def __init__(self, board: StreamingBoard, model_name: str, engine: str = "0") -> None:
-        self.board = board
-        self.labels = {"model_name": model_name, "engine": engine}
+    Engines are added as their configs are made (:func:`serve_streaming_metrics`);
+    an engine whose cores have not written a board yet, or have stopped,
+    shows nothing. Labelled like vLLM's own metrics: model name and engine index.
+    """
+
+    def __init__(self, directory: Path | None = None) -> None:
+        self.directory = directory
+        self.engines: dict[str, str] = {}
+        """Engine config instance id -> served model name."""
+
+    def add_engine(self, instance_id: str, model_name: str) -> None:
+        self.engines[instance_id] = model_name
 
     def collect(self) -> Iterator:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        figures = self.board.read()
+        boards = []
+        for instance_id, model_name in self.engines.items():
+            for engine, path in sorted(boards_of(instance_id, self.directory).items()):
+                figures = read_board(path)
+                if figures is not None:
+                    boards.append(([model_name, engine], figures))
         for name, kind, field, documentation in _METRICS:
             family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
-            metric = family(name, documentation, labels=list(self.labels))
-            metric.add_metric(list(self.labels.values()), figures[field])
+            metric = family(name, documentation, labels=["model_name", "engine"])
+            for labels, figures in boards:
+                metric.add_metric(labels, figures[field])
             yield metric
 
+    def remove_boards(self) -> None:
+        """Remove the boards of this process's engines (at exit).
 
-_registered: StreamingCollector | None = None
+        vLLM kills its engine cores when ``vllm serve`` stops, so their own
+        ``atexit`` may never run; the front end outlives them.
+        """
+        for instance_id in self.engines:
+            for path in boards_of(instance_id, self.directory).values():
+                _remove(path)
 
 
-def publish_streaming_metrics(model_name: str) -> StreamingBoard:
-    """Create this engine's board and expose it on this process's ``/metrics``.
+_collector: StreamingCollector | None = None
 
-    Called in the front end while the engine config is built, before engine
-    processes start (they inherit the board's path). One engine per process is
-    exposed: a later engine replaces the earlier one's collector.
-    """
-    global _registered
-    from prometheus_client import REGISTRY
 
-    board = StreamingBoard.create()
-    os.environ[BOARD_ENV] = str(board.path)
-    if _registered is not None:
-        with contextlib.suppress(KeyError):
-            REGISTRY.unregister(_registered)
-    _registered = StreamingCollector(board, model_name)
-    REGISTRY.register(_registered)
-    return board
+def serve_streaming_metrics(instance_id: str, model_name: str) -> None:
+    """Expose an engine's boards on this process's ``/metrics`` (the front end)."""
+    global _collector
+    if _collector is None:
+        from prometheus_client import REGISTRY
+
+        _collector = StreamingCollector()
+        REGISTRY.register(_collector)
+        atexit.register(_collector.remove_boards)
+    _collector.add_engine(instance_id, model_name)

@@ -32,8 +32,12 @@ BATCH = "vllm.v1.worker.gpu_input_batch"
 SCHED_OUTPUT = "vllm.v1.core.sched.output"
 KV_MANAGER = "vllm.v1.core.single_type_kv_cache_manager"
 
+BLOCK_TABLE = "vllm.v1.worker.block_table"
+SCHEDULER = "vllm.v1.core.sched.scheduler"
+WORKER_ADAPTER = "worker.vllm_runner"
+
 INTERNALS: tuple[Internal, ...] = (
-    # The V1 runner: overridden and read by the streaming runner mixins.
+    # The V1 runner: overridden by the streaming runner mixins, read through the adapter.
     Internal(RUNNER, "GPUModelRunner", "_update_states", "method", ("scheduler_output",),
              "worker.model_runner"),
     Internal(RUNNER, "GPUModelRunner", "_prepare_inputs", "method",
@@ -42,35 +46,54 @@ INTERNALS: tuple[Internal, ...] = (
              ("logits", "spec_decode_metadata"), "worker.seeded_sampling"),
     Internal(RUNNER, "GPUModelRunner", "_bookkeeping_sync", "method",
              ("scheduler_output", "sampler_output"), "worker.seeded_sampling"),
-    Internal(RUNNER, "GPUModelRunner", "discard_request_mask", "attribute", (),
-             "worker.vllm_runner"),
-    Internal(RUNNER, "GPUModelRunner", "positions", "attribute", (), "worker.model_runner"),
-    Internal(RUNNER, "GPUModelRunner", "requests", "attribute", (), "worker.model_runner"),
-    Internal(RUNNER, "GPUModelRunner", "input_batch", "attribute", (), "worker.model_runner"),
+    *(
+        Internal(RUNNER, "GPUModelRunner", name, "attribute", (), WORKER_ADAPTER)
+        for name in ("discard_request_mask", "positions", "requests", "input_batch")
+    ),
     # The persistent batch, re-classed and rewritten row by row.
     Internal(BATCH, "InputBatch", "add_request", "method", ("request",), "worker.input_batch"),
-    Internal(BATCH, "InputBatch", "_make_sampling_metadata", "method", (), "worker.model_runner"),
+    Internal(BATCH, "InputBatch", "_make_sampling_metadata", "method", (), WORKER_ADAPTER),
+    Internal(BATCH, "InputBatch", "req_ids", "attribute", (), WORKER_ADAPTER),
     *(
-        Internal(BATCH, "InputBatch", name, "attribute", (), "worker.model_runner")
+        Internal(BATCH, "InputBatch", name, "attribute", (), WORKER_ADAPTER)
         for name in (
             "token_ids_cpu", "is_token_ids", "num_prompt_tokens", "num_tokens_no_spec",
             "num_computed_tokens_cpu", "block_table", "req_id_to_index", "generators",
-            "sampling_metadata", "logitsprocs",
+            "sampling_metadata", "logitsprocs", "num_reqs", "no_penalties",
         )
     ),
+    Internal("vllm.v1.sample.logits_processor.state", "LogitsProcessors",
+             "non_argmax_invariant", "attribute", (), WORKER_ADAPTER),
     *(
-        Internal(BATCH, "CachedRequestState", name, "field", (), "worker.model_runner")
+        Internal(BLOCK_TABLE, "BlockTable", name, "attribute", (), WORKER_ADAPTER)
+        for name in ("block_table", "num_blocks_per_row")
+    ),
+    *(
+        Internal(BATCH, "CachedRequestState", name, "field", (), WORKER_ADAPTER)
         for name in (
             "req_id", "prompt_token_ids", "output_token_ids",
             "block_ids", "num_computed_tokens", "sampling_params", "prompt_is_token_ids",
         )
     ),
-    Internal(BATCH, "CachedRequestState", "num_prompt_tokens", "attribute", (),
-             "worker.model_runner"),
+    Internal(BATCH, "CachedRequestState", "num_prompt_tokens", "attribute", (), WORKER_ADAPTER),
     *(
         Internal(SCHED_OUTPUT, "CachedRequestData", name, "field", (), "worker.model_runner")
         for name in ("req_ids", "num_computed_tokens", "resumed_req_ids", "all_token_ids")
     ),
+    # The scheduler, subclassed (set through the public ``scheduler_cls``) and read.
+    Internal(SCHEDULER, "Scheduler", "make_stats", "method", (), "scheduler.scheduler"),
+    Internal(SCHEDULER, "Scheduler", "finish_requests", "method",
+             ("request_ids", "finished_status"), "scheduler.scheduler"),
+    *(
+        Internal(SCHEDULER, "Scheduler", name, "attribute", (), "scheduler.scheduler")
+        for name in ("kv_cache_manager", "log_stats", "vllm_config")
+    ),
+    Internal("vllm.v1.core.kv_cache_manager", "KVCacheManager", "coordinator", "attribute", (),
+             "scheduler.vllm_scheduler"),
+    Internal("vllm.v1.core.kv_cache_coordinator", "KVCacheCoordinator", "single_type_managers",
+             "attribute", (), "scheduler.vllm_scheduler"),
+    Internal("vllm.config.vllm", "VllmConfig", "instance_id", "field", (),
+             "scheduler.scheduler"),
     # The scheduler's per-kind KV manager, subclassed.
     Internal(KV_MANAGER, "SingleTypeKVCacheManager", "_remove_blocks_in_range", "method",
              (), "scheduler.kv_cache"),
@@ -81,7 +104,7 @@ INTERNALS: tuple[Internal, ...] = (
     Internal(KV_MANAGER, "SingleTypeKVCacheManager", "req_to_blocks", "attribute", (),
              "scheduler.kv_cache"),
     Internal("vllm.v1.kv_cache_spec_registry", "KVCacheSpecRegistry", "_ensure_registered",
-             "method", (), "scheduler.kv_cache"),
+             "method", (), "scheduler.vllm_scheduler"),
     # Elsewhere.
     Internal("vllm.v1.worker.cpu_worker", "CPUWorker", "init_device", "method", (),
              "worker.cpu_worker"),

@@ -5,13 +5,13 @@
 around vLLM's own:
 
 * :func:`prepare_engine_args` adjusts the arguments vLLM derives the config
-  from (streaming worker, no prefix caching, a stream length cap past the
-  model's context) and refuses features that cannot stream;
+  from (streaming worker and scheduler, no prefix caching, a stream length cap
+  past the model's context) and refuses features that cannot stream;
 * :func:`check_engine_config` checks the finished config against the model
   (RoPE, full attention only, cache positions within the trained range).
 
-It then puts the streaming figures on this process's ``/metrics``
-(:mod:`vllm_sink.metrics`).
+It then tells this process's ``/metrics`` to show the engine's streaming
+figures once its engine cores write them (:mod:`vllm_sink.metrics`).
 
 Both raise :class:`~vllm_sink.config.StreamingConfigError` with a message that
 says what to change, before any engine process starts.
@@ -26,14 +26,9 @@ from typing import TYPE_CHECKING
 
 from vllm.logger import init_logger
 
-from vllm_sink.config import (
-    UNLIMITED_STREAM_LEN,
-    StreamingConfigError,
-    policy_from_vllm_config,
-)
-from vllm_sink.core.policy import SinkWindowPolicy
+from vllm_sink.config import UNLIMITED_STREAM_LEN, StreamingConfigError, streaming_policy
 from vllm_sink.frontend.limits import default_max_tokens, trained_positions
-from vllm_sink.metrics import publish_streaming_metrics
+from vllm_sink.metrics import serve_streaming_metrics
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -42,6 +37,7 @@ if TYPE_CHECKING:
 logger = init_logger("vllm.vllm_sink")
 
 CPU_WORKER = "vllm_sink.worker.cpu_worker.StreamingCPUWorker"
+SCHEDULER = "vllm_sink.scheduler.scheduler.StreamingScheduler"
 
 
 def create_streaming_engine_config(
@@ -68,7 +64,7 @@ def create_streaming_engine_config(
         with long_streams_allowed():
             config = create(args, *create_args, **create_kwargs)
     check_engine_config(config)
-    publish_streaming_metrics(str(config.model_config.served_model_name))
+    serve_streaming_metrics(config.instance_id, str(config.model_config.served_model_name))
     return config
 
 
@@ -92,6 +88,10 @@ def prepare_engine_args(args: EngineArgs) -> None:
     if args.worker_cls not in ("auto", CPU_WORKER):
         raise StreamingConfigError(
             f"streaming needs its own worker class; remove --worker-cls {args.worker_cls}"
+        )
+    if args.scheduler_cls not in (None, SCHEDULER):
+        raise StreamingConfigError(
+            f"streaming needs its own scheduler class; remove --scheduler-cls {args.scheduler_cls}"
         )
     refusals = {
         "speculative decoding": args.speculative_config,
@@ -118,6 +118,8 @@ def prepare_engine_args(args: EngineArgs) -> None:
         )
 
     args.worker_cls = CPU_WORKER
+    args.scheduler_cls = SCHEDULER
+    logger.info("vllm-sink: --worker-cls %s --scheduler-cls %s", CPU_WORKER, SCHEDULER)
     if args.enable_prefix_caching is None:
         logger.info("vllm-sink: prefix caching is off for streams")
         args.enable_prefix_caching = False
@@ -149,13 +151,6 @@ def long_streams_allowed() -> Iterator[None]:
             os.environ[key] = before
         if envs._is_envs_cache_enabled():
             envs.__getattr__.cache_clear()
-
-
-def streaming_policy(config: VllmConfig) -> SinkWindowPolicy:
-    try:
-        return policy_from_vllm_config(config)
-    except ValueError as error:
-        raise StreamingConfigError(str(error)) from None
 
 
 def position_overshoot(config: VllmConfig) -> int:

@@ -1,5 +1,8 @@
-"""The engine core's side: the KV cache spec and manager of streaming layers.
+"""The engine core's side: the scheduler and the KV cache of streaming layers.
 
-Registered in vLLM's ``KVCacheSpecRegistry``; vLLM's own scheduler and block
-pool do the rest (``kv_cache``).
+* ``kv_cache``: the KV cache spec and manager of a streaming layer group,
+  registered in vLLM's ``KVCacheSpecRegistry``; vLLM's block pool does the rest;
+* ``scheduler``: vLLM's scheduler, set through ``scheduler_cls``, publishing
+  the streaming figures for ``/metrics`` once per step;
+* ``vllm_scheduler``: reads of the scheduler's private state (see ``vllm_internals``).
 """

@@ -9,7 +9,6 @@ prompt of any length is admitted once that bound fits.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -17,7 +16,7 @@ from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from vllm_sink.core.policy import SinkWindowPolicy
-from vllm_sink.metrics import StreamingBoard
+from vllm_sink.scheduler.vllm_scheduler import register_builtin_specs
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -68,10 +67,6 @@ class StreamingSinkSpec(FullAttentionSpec):
         return specs[0]
 
 
-PUBLISH_INTERVAL_S = 0.5
-"""How often a busy scheduler refreshes the figures on ``/metrics``."""
-
-
 class StreamingSinkManager(SingleTypeKVCacheManager):
     """Frees evicted window blocks as a stream advances.
 
@@ -90,9 +85,6 @@ class StreamingSinkManager(SingleTypeKVCacheManager):
         """Most blocks any one request has held at once (for tests and metrics)."""
         self.num_evicted_blocks = 0
         """Window blocks returned to the pool so far."""
-        self._board = StreamingBoard.from_environment()
-        self._published_at = 0.0
-        self._publish()
 
     def resident_blocks(self, request_id: str) -> int:
         """Blocks the request holds now (freed slots are null placeholders)."""
@@ -113,7 +105,6 @@ class StreamingSinkManager(SingleTypeKVCacheManager):
             self._remove_blocks_in_range(request_id, first, last)
             self.num_evicted_blocks += last - already
             self._freed_until[request_id] = last
-        self._publish_if_due()
 
     def allocate_new_blocks(
         self, request_id: str, num_tokens: int, num_tokens_main_model: int
@@ -126,31 +117,26 @@ class StreamingSinkManager(SingleTypeKVCacheManager):
         super().free(request_id)
         self._freed_until.pop(request_id, None)
         self._stream_tokens.pop(request_id, None)
-        # The last stream's end is published at once: an idle engine takes no steps.
-        self._publish_if_due(now=not self._stream_tokens)
 
-    def _publish_if_due(self, now: bool = False) -> None:
-        if now or time.monotonic() - self._published_at > PUBLISH_INTERVAL_S:
-            self._publish()
+    @property
+    def has_streams(self) -> bool:
+        return bool(self._stream_tokens)
 
-    def _publish(self) -> None:
-        """Write the current figures to the ``/metrics`` board (O(streams))."""
-        if self._board is None:
-            return
-        self._published_at = time.monotonic()
+    def figures(self) -> dict[str, int]:
+        """This group's figures for ``/metrics`` (:data:`vllm_sink.metrics.FIELDS`), O(streams)."""
         lengths = list(self._stream_tokens.values())
         evicted = [self.policy.evicted_blocks(n) for n in lengths]
         resident_tokens = [n - e * self.policy.block_size for n, e in zip(lengths, evicted)]
-        self._board.publish(
-            streams=len(lengths),
-            streams_evicting=sum(e > 0 for e in evicted),
-            evicted_blocks=self.num_evicted_blocks,
-            resident_blocks=sum(self.resident_blocks(r) for r in self._stream_tokens),
-            resident_tokens=sum(resident_tokens),
-            max_resident_tokens=max(resident_tokens, default=0),
-            longest_stream_tokens=max(lengths, default=0),
-            blocks_per_stream_limit=self.policy.max_resident_blocks,
-        )
+        return {
+            "streams": len(lengths),
+            "streams_evicting": sum(e > 0 for e in evicted),
+            "evicted_blocks": self.num_evicted_blocks,
+            "resident_blocks": sum(self.resident_blocks(r) for r in self._stream_tokens),
+            "resident_tokens": sum(resident_tokens),
+            "max_resident_tokens": max(resident_tokens, default=0),
+            "longest_stream_tokens": max(lengths, default=0),
+            "blocks_per_stream_limit": self.policy.max_resident_blocks,
+        }
 
     @classmethod
     def find_longest_cache_hit(cls, *args, **kwargs):
@@ -167,9 +153,7 @@ def _register_streaming_spec() -> None:
     """
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-    # The registry fills in vLLM's built-in specs only while it is empty:
-    # registering ours first would leave FullAttentionSpec & co. unregistered.
-    KVCacheSpecRegistry._ensure_registered()
+    register_builtin_specs()
     KVCacheSpecRegistry.register(
         StreamingSinkSpec, StreamingSinkManager, uniform_type_base_spec=StreamingSinkSpec
     )

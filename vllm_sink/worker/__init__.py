@@ -7,5 +7,6 @@
 * ``eviction``: carrying out an eviction in the paged cache, backend-independent;
 * ``cpu_attn_layout``: where the CPU_ATTN backend keeps each key and value (the
   one backend adapter so far);
-* ``vllm_runner``: reads of the runner's private state (see ``vllm_internals``).
+* ``vllm_runner``: the one door to vLLM's runner, batch and request state, and
+  the one place a stream's view is written into them (see ``vllm_internals``).
 """

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
-from vllm_sink.config import StreamingConfigError, policy_from_vllm_config
+from vllm_sink.config import StreamingConfigError, streaming_policy
 from vllm_sink.worker.model_runner import StreamingModelRunnerMixin
 from vllm_sink.worker.seeded_sampling import SeededChunkedPrefillMixin
 
@@ -31,7 +31,7 @@ def worker_config(vllm_config: VllmConfig) -> VllmConfig:
     """
     config = copy.copy(vllm_config)
     config.model_config = copy.copy(vllm_config.model_config)
-    config.model_config.max_model_len = policy_from_vllm_config(vllm_config).view_width
+    config.model_config.max_model_len = streaming_policy(vllm_config).view_width
     return config
 
 

@@ -14,12 +14,12 @@ kept outputs only) and enforced by :mod:`vllm_sink.worker.min_tokens` instead.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 
 from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
 
 from vllm_sink.core.stream_state import StreamState
+from vllm_sink.worker.vllm_runner import compact_request
 
 
 class StreamingInputBatch(InputBatch):
@@ -37,20 +37,4 @@ class StreamingInputBatch(InputBatch):
     def add_request(self, request: CachedRequestState) -> int:
         assert request.prompt_token_ids is not None, "streams take token prompts"
         view = self.streams[request.req_id].view(self.sinks)
-        room = self.token_ids_cpu.shape[1] - len(request.output_token_ids)
-        prompt = view.tokens(request.prompt_token_ids, (), 0, min(view.resident_prompt_len, room))
-        # The copy shares the output list (penalties and logits processors
-        # keep a reference to it) and the block ids, which the runner keeps
-        # compact; only the prompt and the computed count are the view's.
-        params = request.sampling_params
-        if params is not None and params.min_tokens:
-            params = params.clone()
-            params.min_tokens = 0  # enforced by vllm_sink.worker.min_tokens
-        compact = dataclasses.replace(
-            request,
-            sampling_params=params,
-            prompt_token_ids=prompt,
-            num_computed_tokens=request.num_computed_tokens - view.shift,
-            prompt_is_token_ids=None,
-        )
-        return super().add_request(compact)
+        return super().add_request(compact_request(request, view, self.token_ids_cpu.shape[1]))

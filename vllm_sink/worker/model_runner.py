@@ -20,11 +20,14 @@ length, and every per-request buffer stays as small as the cache:
   because the worker's config says so (:mod:`vllm_sink.worker.cpu_worker`);
 * ``min_tokens`` is counted over the whole stream (:mod:`vllm_sink.worker.min_tokens`);
 * each layer's spec becomes a :class:`~vllm_sink.scheduler.kv_cache.StreamingSinkSpec`.
+
+Each stream's state is one :class:`~vllm_sink.core.stream_state.StreamState`;
+everything read or written in vLLM's runner, batch and request objects goes
+through :mod:`vllm_sink.worker.vllm_runner`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING
@@ -36,12 +39,12 @@ from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import Attention
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 
-from vllm_sink.config import StreamingConfigError, policy_from_vllm_config
+from vllm_sink.config import StreamingConfigError, streaming_policy
 from vllm_sink.core.policy import SinkWindowPolicy
 from vllm_sink.core.rerotation import RopeDeltas
 from vllm_sink.core.stream_state import StreamState
-from vllm_sink.core.stream_view import StreamView
 from vllm_sink.scheduler.kv_cache import StreamingSinkSpec
+from vllm_sink.worker import vllm_runner as runner_api
 from vllm_sink.worker.cpu_attn_layout import PagedKV, PageLayout
 from vllm_sink.worker.eviction import EvictionPlan, apply_eviction_plan
 from vllm_sink.worker.input_batch import StreamingInputBatch
@@ -82,12 +85,12 @@ class StreamingModelRunnerMixin:
 
     # ------------------------------------------------------------ set-up hooks
     @functools.cached_property
-    def streaming_policy(self) -> SinkWindowPolicy:
-        return policy_from_vllm_config(self.vllm_config)
+    def sink_policy(self) -> SinkWindowPolicy:
+        return streaming_policy(self.vllm_config)
 
     def get_kv_cache_spec(self) -> dict[str, KVCacheSpec]:
         specs = super().get_kv_cache_spec()
-        policy = self.streaming_policy
+        policy = self.sink_policy
         converted: dict[str, KVCacheSpec] = {}
         for name, spec in specs.items():
             if (
@@ -123,24 +126,24 @@ class StreamingModelRunnerMixin:
         deltas = {id(m): RopeDeltas.from_rotary_module(m) for m in rotary.values()}
         self._streaming_ropes = {name: deltas[id(m)] for name, m in rotary.items()}
         rope_positions = min(len(d.cos) for d in deltas.values())
-        self._rebase_period_blocks = self.streaming_policy.rebase_period_blocks(rope_positions)
+        self._rebase_period_blocks = self.sink_policy.rebase_period_blocks(rope_positions)
         self._streams: dict[str, StreamState] = {}
+        self._awaiting_min_tokens: set[str] = set()
+        """Streams whose ``min_tokens`` is not reached yet."""
 
     def initialize_kv_cache(self, kv_cache_config, *args, **kwargs) -> None:
         super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
-        policy = self.streaming_policy
-        width = self.input_batch.token_ids_cpu.shape[1]
+        policy = self.sink_policy
+        width = runner_api.token_row_width(self)
         if width != policy.view_width:
             raise RuntimeError(
                 f"vllm-sink: the worker's token rows are {width} wide, not the cache's "
                 f"{policy.view_width}: the runner was not built by StreamingCPUWorker"
             )
-        self.input_batch.__class__ = StreamingInputBatch
-        self.input_batch.streams = self._streams
-        self.input_batch.sinks = policy.sinks
-        self.input_batch.logitsprocs.non_argmax_invariant.append(
-            StreamMinTokens(self._rows_below_min_tokens)
+        runner_api.adopt_input_batch(
+            self, StreamingInputBatch, streams=self._streams, sinks=policy.sinks
         )
+        runner_api.add_logits_processor(self, StreamMinTokens(self._rows_below_min_tokens))
         layers = get_layers_from_vllm_config(self.vllm_config, Attention)
         spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
         layout = None
@@ -182,17 +185,15 @@ class StreamingModelRunnerMixin:
             if params is not None and params.min_tokens:
                 stream.min_tokens = params.min_tokens
                 stream.stop_token_ids = params.all_stop_token_ids
+                self._awaiting_min_tokens.add(new_req.req_id)
         # Evict before vLLM appends this step's new blocks to the rows: a row
         # then never holds more than the cache.
         moved = self._evict(scheduler_output.scheduled_cached_reqs)
         result = super()._update_states(scheduler_output)
-        batch = self.input_batch
-        for i, req_id in enumerate(batch.req_ids[: batch.num_reqs]):
-            computed = self.requests[req_id].num_computed_tokens
-            batch.num_computed_tokens_cpu[i] = computed - streams[req_id].shift
-        if moved and not batch.no_penalties:
+        runner_api.project_computed_counts(self, streams)
+        if moved:
             # Penalties read prompt tokens from the rows that moved.
-            batch.sampling_metadata = batch._make_sampling_metadata()
+            runner_api.refresh_penalty_inputs(self)
         return result
 
     def _prepare_inputs(self, scheduler_output: SchedulerOutput, num_scheduled_tokens: np.ndarray):
@@ -202,36 +203,38 @@ class StreamingModelRunnerMixin:
         inside ``super()``; only the positions the model's RoPE reads move.
         """
         outputs = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
-        batch, policy, period = self.input_batch, self.streaming_policy, self._rebase_period_blocks
+        policy, period = self.sink_policy, self._rebase_period_blocks
+        req_ids = runner_api.batch_req_ids(self)
         offsets = np.fromiter(
-            (policy.rope_offset(self._streams[r].shift, period) for r in batch.req_ids),
+            (policy.rope_offset(self._streams[r].shift, period) for r in req_ids),
             dtype=np.int64,
-            count=batch.num_reqs,
+            count=len(req_ids),
         )
         if offsets.any():
-            total = scheduler_output.total_num_scheduled_tokens
-            per_token = torch.from_numpy(np.repeat(offsets, num_scheduled_tokens))
-            self.positions[:total] += per_token.to(self.positions.device)
+            runner_api.add_to_positions(self, offsets, num_scheduled_tokens)
         return outputs
 
     def _evict(self, cached: CachedRequestData) -> bool:
         """Carry out this step's evictions and move each stream's view along."""
-        policy = self.streaming_policy
+        policy = self.sink_policy
         plan = EvictionPlan(self._rebase_period_blocks)
-        moved: list[tuple[str, int, int]] = []
+        moved: list[tuple[str, int]] = []
         for req_id, computed in zip(cached.req_ids, cached.num_computed_tokens):
             if req_id in cached.resumed_req_ids:
                 self._restart_view(req_id, cached.all_token_ids)
                 continue
             stream = self._streams[req_id]
-            shift = plan.add(policy, stream, self.requests[req_id].block_ids[0], computed)
+            shift = plan.add(policy, stream, runner_api.block_row(self, req_id), computed)
             if shift != stream.shift:
-                moved.append((req_id, stream.shift, shift))
+                moved.append((req_id, shift))
         if plan:
             apply_eviction_plan(plan, self._streaming_layers, policy)
-        for req_id, before, after in moved:
-            self._streams[req_id].shift = after
-            self._move_view(req_id, before)
+        for req_id, shift in moved:
+            stream = self._streams[req_id]
+            before = stream.view(policy.sinks)
+            stream.shift = shift
+            view = stream.view(policy.sinks)
+            runner_api.project_view_move(self, req_id, before, view, policy.block_size)
         return bool(moved)
 
     def _restart_view(self, req_id: str, all_token_ids: Mapping[str, list[int]]) -> None:
@@ -243,57 +246,24 @@ class StreamingModelRunnerMixin:
         history = all_token_ids.get(req_id)
         if history is None:
             raise RuntimeError(f"vllm-sink: no token history sent for resumed stream {req_id}")
-        state = self.requests[req_id]
         self._streams[req_id].restart(len(history))
-        state.prompt_token_ids = list(history)
-        state.num_prompt_tokens = len(history)
-        state.output_token_ids.clear()
-
-    def _move_view(self, req_id: str, shift_before: int) -> None:
-        """Drop the evicted blocks and tokens from the stream's state and batch row."""
-        policy, batch, state = self.streaming_policy, self.input_batch, self.requests[req_id]
-        view = self._view(req_id)
-        before = dataclasses.replace(view, shift=shift_before)
-
-        dropped_blocks = (view.shift - before.shift) // policy.block_size
-        del state.block_ids[0][1 : 1 + dropped_blocks]
-        newly_dropped = view.dropped_outputs - before.dropped_outputs
-        first = view.first_droppable_output
-        del state.output_token_ids[first : first + newly_dropped]
-        state.num_prompt_tokens = view.resident_prompt_len
-
-        i = batch.req_id_to_index.get(req_id)
-        if i is None:
-            return  # not in the batch: it is added back from ``state``
-        blocks = batch.block_table[0]
-        held_blocks = len(state.block_ids[0])
-        blocks.block_table.np[i, :held_blocks] = state.block_ids[0]
-        blocks.block_table.np[i, held_blocks : blocks.num_blocks_per_row[i]] = 0
-        blocks.num_blocks_per_row[i] = held_blocks
-
-        width = batch.token_ids_cpu.shape[1]
-        held = min(view.resident_prompt_len + len(state.output_token_ids), width)
-        tokens = view.tokens(state.prompt_token_ids, state.output_token_ids, view.sinks, held)
-        batch.token_ids_cpu[i, view.sinks : held] = tokens
-        batch.is_token_ids[i, :held] = True
-        batch.num_prompt_tokens[i] = min(view.resident_prompt_len, width)
-        batch.num_tokens_no_spec[i] = held
-
-    def _view(self, req_id: str) -> StreamView:
-        return self._streams[req_id].view(self.streaming_policy.sinks)
+        runner_api.restart_request(self, req_id, history)
 
     def _rows_below_min_tokens(self) -> list[tuple[int, Collection[int]]]:
         """Batch rows whose stop tokens stay masked, with those tokens."""
         rows = []
-        for req_id, stream in self._streams.items():
-            if not stream.min_tokens:
+        for req_id in list(self._awaiting_min_tokens):
+            stream = self._streams.get(req_id)
+            if stream is None:
+                self._awaiting_min_tokens.discard(req_id)
                 continue
-            i = self.input_batch.req_id_to_index.get(req_id)
+            i = runner_api.batch_row(self, req_id)
             if i is None:
                 continue
-            outputs = self.requests[req_id].output_token_ids
-            if len(outputs) + self._view(req_id).dropped_outputs < stream.min_tokens:
+            kept = len(runner_api.request_state(self, req_id).output_token_ids)
+            if kept + stream.view(self.sink_policy.sinks).dropped_outputs < stream.min_tokens:
                 rows.append((i, stream.stop_token_ids))
             else:
                 stream.min_tokens = 0
+                self._awaiting_min_tokens.discard(req_id)
         return rows
