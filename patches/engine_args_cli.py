@@ -1,4 +1,4 @@
-"""Patch: ``--streaming-sinks`` / ``--streaming-window`` on vLLM's engine CLI.
+"""Patch: ``--streaming-sinks`` / ``--streaming-window`` / ``--streaming-snapshots`` on vLLM's CLI.
 
 Targets (vLLM 0.32.0, ``vllm/engine/arg_utils.py``):
   * ``EngineArgs.add_cli_args`` (staticmethod): adds a "Streaming (vllm-sink)"
@@ -6,7 +6,7 @@ Targets (vLLM 0.32.0, ``vllm/engine/arg_utils.py``):
     (``vllm serve``, ``vllm bench throughput|latency|serve``), and vLLM loads
     general plugins before building those parsers.
   * ``EngineArgs.from_cli_args`` (classmethod): copies only dataclass fields,
-    so the two flags are folded into ``additional_config`` here.
+    so the flags are folded into ``additional_config`` here.
 Why no hook: vLLM has no plugin hook to add engine arguments; the platform's
 ``pre_register_and_update(parser)`` belongs to the active platform only.
 Without the flags the same settings work unpatched through
@@ -18,7 +18,14 @@ from __future__ import annotations
 import argparse
 import functools
 
-from vllm_sink.config import DEFAULT_SINKS, DEFAULT_WINDOW, SINKS_KEY, WINDOW_KEY
+from vllm_sink.config import (
+    DEFAULT_SINKS,
+    DEFAULT_SNAPSHOTS,
+    DEFAULT_WINDOW,
+    SINKS_KEY,
+    SNAPSHOTS_KEY,
+    WINDOW_KEY,
+)
 
 GROUP_TITLE = "Streaming (vllm-sink)"
 
@@ -31,7 +38,7 @@ def add_streaming_arguments(parser: argparse.ArgumentParser) -> None:
         "StreamingLLM attention sinks: every token attends the first S tokens plus "
         "a window of at least W recent tokens, with RoPE positions inside the cache, "
         "so streams run far past the model's context in bounded KV memory. Giving "
-        "either flag turns streaming on.",
+        "--streaming-sinks or --streaming-window turns streaming on.",
     )
     group.add_argument(
         "--streaming-sinks",
@@ -50,12 +57,22 @@ def add_streaming_arguments(parser: argparse.ArgumentParser) -> None:
         f"{DEFAULT_WINDOW}). Evictions are whole KV blocks, so a decoding token "
         "sees up to block_size-1 more.",
     )
+    group.add_argument(
+        "--streaming-snapshots",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"Finished streams kept so that a request continuing one (a chat's next "
+        f"turn) prefills only its new tokens (default {DEFAULT_SNAPSHOTS}; 0 keeps none). "
+        "Their KV blocks count as free: live streams take them first.",
+    )
 
 
 def fold_into_additional_config(engine_args, args: argparse.Namespace) -> None:
     values = {
         SINKS_KEY: getattr(args, "streaming_sinks", None),
         WINDOW_KEY: getattr(args, "streaming_window", None),
+        SNAPSHOTS_KEY: getattr(args, "streaming_snapshots", None),
     }
     values = {key: value for key, value in values.items() if value is not None}
     if values:

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 SINKS_KEY = "streaming_sinks"
 WINDOW_KEY = "streaming_window"
+SNAPSHOTS_KEY = "streaming_snapshots"
+ALL_KEYS = (SINKS_KEY, WINDOW_KEY, SNAPSHOTS_KEY)
 KEY_PREFIX = "streaming_"
 """additional_config keys with this prefix are vllm-sink's: unknown ones are refused."""
 
@@ -26,6 +28,13 @@ DEFAULT_SINKS = 4
 """The paper's choice: four initial tokens recover window attention's perplexity."""
 DEFAULT_WINDOW = 1020
 """The paper's main setting (4 sinks + 1020 recent tokens, a 1024-token cache)."""
+DEFAULT_SNAPSHOTS = 64
+"""Finished streams kept for the requests that continue them (see ``scheduler.snapshots``).
+
+Their KV blocks count as free (live streams take them, oldest first), so the
+number only bounds bookkeeping: the worker keeps each one's sink keys
+(``S x layers x KV heads x head size`` values, 92 KB for SmolLM2 in float32).
+"""
 UNLIMITED_STREAM_LEN = 2**40
 """``max_model_len`` when the user gives none: streams have no length limit.
 
@@ -45,6 +54,7 @@ class StreamingConfigError(ValueError):
 class StreamingSettings:
     sinks: int = DEFAULT_SINKS
     window: int = DEFAULT_WINDOW
+    snapshots: int = DEFAULT_SNAPSHOTS
 
     @classmethod
     def from_additional_config(
@@ -56,14 +66,19 @@ class StreamingSettings:
         unknown = sorted(
             str(key)
             for key in additional_config
-            if str(key).startswith(KEY_PREFIX) and key not in (SINKS_KEY, WINDOW_KEY)
+            if str(key).startswith(KEY_PREFIX) and key not in ALL_KEYS
         )
         if unknown:
             raise StreamingConfigError(
                 f"unknown streaming setting {', '.join(map(repr, unknown))} in "
-                f"additional_config; the settings are {SINKS_KEY!r} and {WINDOW_KEY!r}"
+                f"additional_config; the settings are {', '.join(map(repr, ALL_KEYS))}"
             )
         if SINKS_KEY not in additional_config and WINDOW_KEY not in additional_config:
+            if SNAPSHOTS_KEY in additional_config:
+                raise StreamingConfigError(
+                    f"{_name(SNAPSHOTS_KEY)} applies to streaming: add --streaming-sinks "
+                    "or --streaming-window"
+                )
             return None
         sinks = _as_int(additional_config.get(SINKS_KEY, DEFAULT_SINKS), SINKS_KEY)
         window = _as_int(additional_config.get(WINDOW_KEY, DEFAULT_WINDOW), WINDOW_KEY)
@@ -76,7 +91,12 @@ class StreamingSettings:
                 f"{_name(WINDOW_KEY)} must be at least 1 (got {window}); "
                 f"for example {DEFAULT_WINDOW}"
             )
-        return cls(sinks=sinks, window=window)
+        snapshots = _as_int(additional_config.get(SNAPSHOTS_KEY, DEFAULT_SNAPSHOTS), SNAPSHOTS_KEY)
+        if snapshots < 0:
+            raise StreamingConfigError(
+                f"{_name(SNAPSHOTS_KEY)} must be 0 (none kept) or more (got {snapshots})"
+            )
+        return cls(sinks=sinks, window=window, snapshots=snapshots)
 
 
 def _name(key: str) -> str:
@@ -93,16 +113,21 @@ def _as_int(value: Any, key: str) -> int:
         raise StreamingConfigError(f"{_name(key)} must be an integer (got {value!r})") from None
 
 
-def streaming_policy(vllm_config: VllmConfig) -> SinkWindowPolicy:
-    """The engine's policy: the user's settings plus vLLM's block and chunk sizes.
-
-    The one accessor the front end and the worker read the settings through;
-    the scheduler side reads the same policy from the KV cache spec the worker
-    built from it.
-    """
+def streaming_settings(vllm_config: VllmConfig) -> StreamingSettings:
+    """The engine's streaming settings (front end, scheduler and worker read them here)."""
     settings = StreamingSettings.from_additional_config(vllm_config.additional_config)
     if settings is None:
         raise StreamingConfigError("streaming is not enabled in additional_config")
+    return settings
+
+
+def streaming_policy(vllm_config: VllmConfig) -> SinkWindowPolicy:
+    """The engine's sink + window rule: the settings plus vLLM's block and chunk sizes.
+
+    The scheduler's KV manager reads the same policy from the KV cache spec the
+    worker built from it.
+    """
+    settings = streaming_settings(vllm_config)
     try:
         return SinkWindowPolicy(
             sinks=settings.sinks,

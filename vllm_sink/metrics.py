@@ -39,6 +39,11 @@ FIELDS = (
     "max_resident_tokens",
     "longest_stream_tokens",
     "blocks_per_stream_limit",
+    "snapshots",
+    "snapshot_blocks",
+    "snapshot_hits",
+    "snapshot_misses",
+    "snapshot_tokens_skipped",
 )
 BOARD_BYTES = 8 * len(FIELDS)
 
@@ -157,6 +162,16 @@ _METRICS = (
      "Tokens processed so far by the longest running stream."),
     ("vllm_sink:kv_blocks_per_stream_limit", "gauge", "blocks_per_stream_limit",
      "Most KV blocks one stream can hold (sinks + window + slack)."),
+    ("vllm_sink:snapshots", "gauge", "snapshots",
+     "Finished streams kept for the requests that continue them."),
+    ("vllm_sink:snapshot_kv_blocks", "gauge", "snapshot_blocks",
+     "KV blocks held by snapshots (free blocks: live streams take them first)."),
+    ("vllm_sink:snapshot_hits", "counter", "snapshot_hits",
+     "New requests that continued a snapshot."),
+    ("vllm_sink:snapshot_misses", "counter", "snapshot_misses",
+     "New requests that continued no snapshot (streamed from their start)."),
+    ("vllm_sink:snapshot_tokens_skipped", "counter", "snapshot_tokens_skipped",
+     "Prompt tokens not prefilled because a snapshot held their KV."),
 )  # fmt: skip
 
 

@@ -9,13 +9,15 @@ prompt of any length is admitted once that bound fits.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-from vllm_sink.core.policy import SinkWindowPolicy
+from vllm_sink.core.policy import SinkWindowPolicy, _cdiv
+from vllm_sink.scheduler.snapshots import Snapshot, SnapshotStore
 from vllm_sink.scheduler.vllm_scheduler import register_builtin_specs
 
 if TYPE_CHECKING:
@@ -68,10 +70,13 @@ class StreamingSinkSpec(FullAttentionSpec):
 
 
 class StreamingSinkManager(SingleTypeKVCacheManager):
-    """Frees evicted window blocks as a stream advances.
+    """Frees evicted window blocks as a stream advances; keeps finished streams to resume.
 
-    Streams run with prefix caching off (start-up refuses it), so vLLM never
-    asks this manager for cache hits nor to cache blocks.
+    Streams run with vLLM's prefix caching off (start-up refuses it): blocks
+    are never cached by their token prefix. A finished stream's blocks may
+    instead be kept whole as a snapshot (:mod:`vllm_sink.scheduler.snapshots`),
+    which the scheduler hands to the next request that continues the stream,
+    as a cache hit of the stream's ``N`` tokens.
     """
 
     def __init__(self, kv_cache_spec: StreamingSinkSpec, **kwargs) -> None:
@@ -85,6 +90,11 @@ class StreamingSinkManager(SingleTypeKVCacheManager):
         """Most blocks any one request has held at once (for tests and metrics)."""
         self.num_evicted_blocks = 0
         """Window blocks returned to the pool so far."""
+        self.snapshots = SnapshotStore(0, self.block_size, b"")
+        """Finished streams kept for the requests that continue them (none until enabled)."""
+
+    def enable_snapshots(self, capacity: int, salt: bytes) -> None:
+        self.snapshots = SnapshotStore(capacity, self.block_size, salt)
 
     def resident_blocks(self, request_id: str) -> int:
         """Blocks the request holds now (freed slots are null placeholders)."""
@@ -117,6 +127,63 @@ class StreamingSinkManager(SingleTypeKVCacheManager):
         super().free(request_id)
         self._freed_until.pop(request_id, None)
         self._stream_tokens.pop(request_id, None)
+
+    # ---------------------------------------------------------------- snapshots
+    def keep_snapshot(self, request_id: str, tokens: Sequence[int], request_salt: str) -> bool:
+        """Keep a finished request's blocks as a snapshot of ``tokens`` (its computed tokens).
+
+        Instead of :meth:`free`; ``False`` (nothing done) when snapshots are off
+        or the request holds no KV.
+        """
+        blocks = self.req_to_blocks.get(request_id)
+        if self.snapshots.capacity <= 0 or not blocks or not tokens:
+            return False
+        held = _cdiv(len(tokens), self.block_size)
+        blocks = self.pop_blocks_for_free(request_id)
+        self.block_pool.free_blocks(reversed(blocks[held:]))  # past the computed tokens
+        self.snapshots.add(
+            tokens,
+            request_salt,
+            source_request_id=request_id,
+            last_step_start=self._stream_tokens.pop(request_id, len(tokens)),
+            blocks=tuple(blocks[:held]),
+            freed_until=self._freed_until.pop(request_id, 1),
+            release=self._release,
+        )
+        return True
+
+    def _release(self, snapshot: Snapshot) -> None:
+        """Return a snapshot's blocks to the pool's free queue, readable until reused."""
+        live = [block for block in snapshot.blocks if not block.is_null]
+        self.block_pool.unpin_blocks(live, self._on_block_reuse)
+
+    def _on_block_reuse(self, block: KVCacheBlock) -> None:
+        self.snapshots.block_reused(block.block_id)
+
+    def _has_partial_local_hit(self, new_computed_blocks, num_local_computed_tokens) -> bool:
+        # A snapshot is used once: its last block is written in place, no copy.
+        return False
+
+    def add_local_computed_blocks(
+        self,
+        request_id: str,
+        new_computed_blocks: Sequence[KVCacheBlock],
+        num_local_computed_tokens: int,
+        num_external_computed_tokens: int,
+    ) -> None:
+        """Hand a snapshot (the scheduler's cache hit, :meth:`find_snapshot`) to the request."""
+        snapshot = self.snapshots.owner_of(new_computed_blocks[0])
+        if snapshot is None or snapshot.num_tokens != num_local_computed_tokens:
+            raise RuntimeError(f"vllm-sink: no snapshot for the cache hit of {request_id}")
+        self.snapshots.take(snapshot)
+        self.block_pool.touch([block for block in snapshot.blocks if not block.is_null])
+        req_blocks = self.req_to_blocks[request_id]
+        assert not req_blocks, "a snapshot goes to a request that holds no blocks yet"
+        req_blocks.extend(snapshot.blocks)
+        self.num_cached_block[request_id] = len(req_blocks)
+        self._freed_until[request_id] = snapshot.freed_until
+        # Free what the stream evicts before its first step as this request.
+        self.remove_skipped_blocks(request_id, num_local_computed_tokens)
 
     @property
     def has_streams(self) -> bool:

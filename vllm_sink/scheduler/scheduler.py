@@ -1,20 +1,29 @@
-"""The streaming engine's scheduler: vLLM's own, publishing the streaming figures.
+"""The streaming engine's scheduler: vLLM's own, with snapshots and the streaming figures.
 
-vLLM makes its scheduler stats once per step (``make_stats``) when stats are
-on; the streaming figures are made at the same moment from the streaming KV
-managers and written to this engine core's board
-(:mod:`vllm_sink.metrics`), which the API server reads for ``/metrics``.
+* A finished stream's blocks are kept as a snapshot instead of freed, and a new
+  request whose prompt begins with a snapshot's tokens gets it as its cache hit
+  (vLLM's own prefix-hit path: ``_get_local_prefix_cache_hit``), prefilling
+  only the rest (:mod:`vllm_sink.scheduler.snapshots`). The worker learns which
+  stream it continues from the request's ``extra_args`` (:data:`RESUME_KEY`).
+* vLLM makes its scheduler stats once per step (``make_stats``) when stats are
+  on; the streaming figures are made at the same moment from the streaming KV
+  manager and written to this engine core's board (:mod:`vllm_sink.metrics`),
+  which the API server reads for ``/metrics``.
+
 Set through vLLM's ``scheduler_cls`` by :mod:`vllm_sink.frontend.engine_setup`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 from vllm.v1.core.sched.scheduler import Scheduler
 
+from vllm_sink.config import streaming_policy, streaming_settings
 from vllm_sink.metrics import StreamingBoard, engine_key
 from vllm_sink.scheduler.kv_cache import StreamingSinkManager
+from vllm_sink.scheduler.snapshots import RESUME_KEY, Snapshot
 from vllm_sink.scheduler.vllm_scheduler import single_type_managers
 
 PUBLISH_INTERVAL_S = 0.5
@@ -26,18 +35,63 @@ class StreamingSchedulerMixin:
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        config = self.vllm_config
         # One KV cache group: the worker refuses models with any other kind of layer.
         (self.streaming_manager,) = (
             m for m in single_type_managers(self) if isinstance(m, StreamingSinkManager)
         )
+        policy = streaming_policy(config)
+        self.streaming_manager.enable_snapshots(
+            streaming_settings(config).snapshots, engine_salt(config.model_config.model, policy)
+        )
+        self.snapshot_hits = self.snapshot_misses = self.snapshot_tokens_skipped = 0
         self._board: StreamingBoard | None = None
         self._published_at = 0.0
         if self.log_stats:
-            config = self.vllm_config
             engine = config.parallel_config.data_parallel_rank
             self._board = StreamingBoard.create(engine_key(config.instance_id, engine))
             self.publish_streaming_figures()
 
+    # ---------------------------------------------------------------- snapshots
+    def _free_request_blocks(self, request) -> None:
+        if (
+            request.is_finished()
+            and self._request_blocks_can_be_freed(request)
+            and self.streaming_manager.keep_snapshot(
+                request.request_id,
+                request.all_token_ids[: request.num_computed_tokens],
+                request.cache_salt,
+            )
+        ):
+            return
+        super()._free_request_blocks(request)
+
+    def _get_local_prefix_cache_hit(self, request):
+        hit = super()._get_local_prefix_cache_hit(request)  # none: vLLM's prefix cache is off
+        snapshots = self.streaming_manager.snapshots
+        snapshot = None
+        if len(snapshots) and not request.skip_reading_prefix_cache:
+            # At least the last prompt token is computed again, for its logits.
+            snapshot = snapshots.find(
+                request.all_token_ids, request.cache_salt, request.num_tokens - 1
+            )
+        mark_resumed(request, snapshot)
+        if snapshot is None:
+            return hit
+        blocks = self.kv_cache_manager.create_kv_cache_blocks((list(snapshot.blocks),))
+        return blocks, snapshot.num_tokens, 0, False
+
+    def schedule(self, *args, **kwargs):
+        output = super().schedule(*args, **kwargs)
+        for new in output.scheduled_new_reqs:
+            if new.num_computed_tokens:
+                self.snapshot_hits += 1
+                self.snapshot_tokens_skipped += new.num_computed_tokens
+            else:
+                self.snapshot_misses += 1
+        return output
+
+    # ------------------------------------------------------------------ metrics
     def make_stats(self, *args, **kwargs):
         stats = super().make_stats(*args, **kwargs)
         self.publish_streaming_figures(when_due=True)
@@ -47,6 +101,17 @@ class StreamingSchedulerMixin:
         finished = super().finish_requests(*args, **kwargs)
         self.publish_streaming_figures(when_due=True)
         return finished
+
+    def streaming_figures(self) -> dict[str, int]:
+        manager = self.streaming_manager
+        return {
+            **manager.figures(),
+            "snapshots": len(manager.snapshots),
+            "snapshot_blocks": manager.snapshots.num_blocks,
+            "snapshot_hits": self.snapshot_hits,
+            "snapshot_misses": self.snapshot_misses,
+            "snapshot_tokens_skipped": self.snapshot_tokens_skipped,
+        }
 
     def publish_streaming_figures(self, when_due: bool = False) -> None:
         """Write the figures to the board; with ``when_due``, only if they may be stale.
@@ -61,8 +126,40 @@ class StreamingSchedulerMixin:
         if when_due and not idle and now - self._published_at < PUBLISH_INTERVAL_S:
             return
         self._published_at = now
-        self._board.publish(self.streaming_manager.figures())
+        self._board.publish(self.streaming_figures())
 
 
 class StreamingScheduler(StreamingSchedulerMixin, Scheduler):
     """vLLM's synchronous scheduler (the CPU platform turns async scheduling off)."""
+
+
+def engine_salt(model: str, policy) -> bytes:
+    """Snapshot keys are valid only under the model and policy that built the cache."""
+    settings = (model, policy.sinks, policy.window, policy.block_size, policy.max_chunk_tokens)
+    return hashlib.sha256(repr(settings).encode()).digest()
+
+
+def resumable(request) -> bool:
+    """Whether the request's KV is a function of its token ids (no images or embeddings)."""
+    return not request.mm_features and request.prompt_embeds is None
+
+
+def request_salt(request) -> str:
+    """What besides token ids makes a request's KV its own: its cache salt and LoRA adapter."""
+    lora = request.lora_request
+    return f"{request.cache_salt or ''}|{lora.lora_int_id if lora is not None else ''}"
+
+
+def mark_resumed(request, snapshot: Snapshot | None) -> None:
+    """Tell the worker which stream ``request`` continues (or that it continues none)."""
+    params = request.sampling_params
+    if params is None:
+        return
+    extra = params.extra_args or {}
+    if snapshot is None and RESUME_KEY not in extra:
+        return
+    params = params.clone()  # the request's own copy: an in-process engine may share it
+    params.extra_args = {k: v for k, v in extra.items() if k != RESUME_KEY}
+    if snapshot is not None:
+        params.extra_args[RESUME_KEY] = (snapshot.source_request_id, snapshot.last_step_start)
+    request.sampling_params = params

@@ -96,6 +96,22 @@ def take_first_sink_keys(plan: EvictionPlan, layers: Layers, sinks: int) -> None
         stream.first_sink_keys = stacked[row].clone()
 
 
+def sink_keys_at_offset_zero(
+    layers: Layers, head_block: int, sinks: int, offset: int
+) -> torch.Tensor:
+    """A stream's sink keys moved back to positions ``0 .. S-1`` from where they sit now.
+
+    For a stream resumed without the copy taken at its first eviction: one
+    rotation more than the copy would cost, then the stream goes on from it.
+    """
+    head, moves = torch.tensor([head_block]), torch.tensor([offset])
+    per_layer = [
+        rope.rotate_back(keys.get(head, slice(0, sinks)).to(torch.float32), moves)[0].to(keys.dtype)
+        for keys, _, rope in layers
+    ]
+    return torch.stack(per_layer)  # [layers, heads, S, head_size]
+
+
 def apply_eviction_plan(plan: EvictionPlan, layers: Layers, policy: SinkWindowPolicy) -> None:
     """Carry out ``plan`` on every layer's cache (keys, values, rotary angles)."""
     as_long = lambda xs: torch.tensor(xs, dtype=torch.int64)  # noqa: E731

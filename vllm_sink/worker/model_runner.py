@@ -39,14 +39,18 @@ from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import Attention
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 
-from vllm_sink.config import StreamingConfigError, streaming_policy
+from vllm_sink.config import StreamingConfigError, streaming_policy, streaming_settings
 from vllm_sink.core.policy import SinkWindowPolicy
 from vllm_sink.core.rerotation import RopeDeltas
 from vllm_sink.core.stream_state import StreamState
 from vllm_sink.scheduler.kv_cache import StreamingSinkSpec
 from vllm_sink.worker import vllm_runner as runner_api
 from vllm_sink.worker.cpu_attn_layout import PagedKV, PageLayout
-from vllm_sink.worker.eviction import EvictionPlan, apply_eviction_plan
+from vllm_sink.worker.eviction import (
+    EvictionPlan,
+    apply_eviction_plan,
+    sink_keys_at_offset_zero,
+)
 from vllm_sink.worker.input_batch import StreamingInputBatch
 from vllm_sink.worker.min_tokens import StreamMinTokens
 
@@ -130,6 +134,12 @@ class StreamingModelRunnerMixin:
         self._streams: dict[str, StreamState] = {}
         self._awaiting_min_tokens: set[str] = set()
         """Streams whose ``min_tokens`` is not reached yet."""
+        self._finished_streams: dict[str, StreamState] = {}
+        """Finished streams a snapshot may continue (oldest first)."""
+        self._finished_capacity = (
+            streaming_settings(self.vllm_config).snapshots
+            + self.vllm_config.scheduler_config.max_num_seqs
+        )
 
     def initialize_kv_cache(self, kv_cache_config, *args, **kwargs) -> None:
         super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
@@ -177,7 +187,9 @@ class StreamingModelRunnerMixin:
     def _update_states(self, scheduler_output: SchedulerOutput):
         streams = self._streams
         for req_id in scheduler_output.finished_req_ids:
-            streams.pop(req_id, None)
+            self._keep_finished(req_id, streams.pop(req_id, None))
+        resumed: list[tuple[StreamState, list[int], int]] = []
+        resumed_ids: list[str] = []
         for new_req in scheduler_output.scheduled_new_reqs:
             assert new_req.prompt_token_ids is not None, "streams take token prompts"
             stream = streams[new_req.req_id] = StreamState(len(new_req.prompt_token_ids))
@@ -186,15 +198,59 @@ class StreamingModelRunnerMixin:
                 stream.min_tokens = params.min_tokens
                 stream.stop_token_ids = params.all_stop_token_ids
                 self._awaiting_min_tokens.add(new_req.req_id)
+            source = runner_api.resumed_from(new_req)
+            if source is not None:
+                row = runner_api.new_block_row(new_req)
+                self._resume(stream, row, *source)
+                resumed.append((stream, row, new_req.num_computed_tokens))
+                resumed_ids.append(new_req.req_id)
         # Evict before vLLM appends this step's new blocks to the rows: a row
         # then never holds more than the cache.
-        moved = self._evict(scheduler_output.scheduled_cached_reqs)
+        moved = self._evict(scheduler_output.scheduled_cached_reqs, resumed)
         result = super()._update_states(scheduler_output)
+        for req_id in resumed_ids:
+            runner_api.project_resumed_view(
+                self, req_id, streams[req_id].view(self.sink_policy.sinks)
+            )
         runner_api.project_computed_counts(self, streams)
         if moved:
             # Penalties read prompt tokens from the rows that moved.
             runner_api.refresh_penalty_inputs(self)
         return result
+
+    def _keep_finished(self, req_id: str, stream: StreamState | None) -> None:
+        """Keep a finished stream's state for a request that may continue it (a snapshot).
+
+        Only streams past their first eviction carry state the cache does not
+        (the sink keys' first copy). The scheduler keeps at most ``snapshots``
+        of them; at most ``max_num_seqs`` finish in one step, so keeping that
+        many more here never drops one the scheduler still has.
+        """
+        if stream is None or stream.first_sink_keys is None or self._finished_capacity <= 0:
+            return
+        self._finished_streams[req_id] = stream
+        while len(self._finished_streams) > self._finished_capacity:
+            self._finished_streams.pop(next(iter(self._finished_streams)))
+
+    def _resume(
+        self, stream: StreamState, row: list[int], source_id: str, last_step_start: int
+    ) -> None:
+        """Give a new request the state of the stream it continues (the scheduler's snapshot).
+
+        ``row`` is the request's block row as the scheduler holds it, null
+        placeholders where blocks were evicted; it is compacted into the view.
+        """
+        policy = self.sink_policy
+        stream.shift = policy.position_shift(last_step_start)
+        del row[1 : 1 + stream.shift // policy.block_size]
+        finished = self._finished_streams.pop(source_id, None)
+        if finished is not None:
+            stream.first_sink_keys = finished.first_sink_keys
+        elif stream.shift and policy.sinks:
+            offset = policy.rope_offset(stream.shift, self._rebase_period_blocks)
+            stream.first_sink_keys = sink_keys_at_offset_zero(
+                self._streaming_layers, row[0], policy.sinks, offset
+            )
 
     def _prepare_inputs(self, scheduler_output: SchedulerOutput, num_scheduled_tokens: np.ndarray):
         """vLLM's inputs, with each stream's RoPE offset added to its positions.
@@ -214,8 +270,14 @@ class StreamingModelRunnerMixin:
             runner_api.add_to_positions(self, offsets, num_scheduled_tokens)
         return outputs
 
-    def _evict(self, cached: CachedRequestData) -> bool:
-        """Carry out this step's evictions and move each stream's view along."""
+    def _evict(
+        self, cached: CachedRequestData, resumed: list[tuple[StreamState, list[int], int]]
+    ) -> bool:
+        """Carry out this step's evictions and move each stream's view along.
+
+        ``resumed``: new requests continuing a snapshot (state, block row,
+        computed tokens), not yet in the batch; their rows are compacted here.
+        """
         policy = self.sink_policy
         plan = EvictionPlan(self._rebase_period_blocks)
         moved: list[tuple[str, int]] = []
@@ -227,8 +289,12 @@ class StreamingModelRunnerMixin:
             shift = plan.add(policy, stream, runner_api.block_row(self, req_id), computed)
             if shift != stream.shift:
                 moved.append((req_id, shift))
+        resumed_shifts = [plan.add(policy, stream, row, n) for stream, row, n in resumed]
         if plan:
             apply_eviction_plan(plan, self._streaming_layers, policy)
+        for (stream, row, _), shift in zip(resumed, resumed_shifts):
+            del row[1 : 1 + (shift - stream.shift) // policy.block_size]
+            stream.shift = shift
         for req_id, shift in moved:
             stream = self._streams[req_id]
             before = stream.view(policy.sinks)

@@ -10,6 +10,7 @@ runner) means reading this file.
 It is also the one place where a stream's compact view
 (:class:`~vllm_sink.core.stream_view.StreamView`) is projected into vLLM's
 objects: :func:`compact_request` for a row the batch (re)adds,
+:func:`project_resumed_view` for a request that continues a snapshot,
 :func:`project_computed_counts` after each scheduler update, and
 :func:`project_view_move` when an eviction moves a stream's view.
 """
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from vllm_sink.core.stream_view import StreamView
+from vllm_sink.scheduler.snapshots import RESUME_KEY
 
 if TYPE_CHECKING:
     from vllm.v1.worker.gpu_input_batch import CachedRequestState
@@ -70,6 +72,24 @@ def discarded_rows(runner: Runner) -> list[int]:
     """
     num_reqs = runner.input_batch.num_reqs
     return [int(i) for i in np.nonzero(runner.discard_request_mask.np[:num_reqs])[0]]
+
+
+def resumed_from(new_request: Any) -> tuple[str, int] | None:
+    """``(source request id, tokens before its last step)`` of a request continuing a snapshot.
+
+    Set by the scheduler (:data:`vllm_sink.scheduler.snapshots.RESUME_KEY`).
+    """
+    params = new_request.sampling_params
+    extra = (params.extra_args or {}) if params is not None else {}
+    if RESUME_KEY not in extra or not new_request.num_computed_tokens:
+        return None
+    source, last_step_start = extra[RESUME_KEY]
+    return str(source), int(last_step_start)
+
+
+def new_block_row(new_request: Any) -> list[int]:
+    """A new request's block ids (single KV cache group), the list vLLM's runner will hold."""
+    return new_request.block_ids[0]
 
 
 # ----------------------------------------------------------------- writes
@@ -144,6 +164,14 @@ def project_computed_counts(runner: Runner, streams: Mapping[str, StreamState]) 
     for i, req_id in enumerate(batch.req_ids[: batch.num_reqs]):
         computed = runner.requests[req_id].num_computed_tokens
         batch.num_computed_tokens_cpu[i] = computed - streams[req_id].shift
+
+
+def project_resumed_view(runner: Runner, req_id: str, view: StreamView) -> None:
+    """A request that continues a snapshot, just added: its state counts its view's prompt.
+
+    (Its batch row was written from the view by :func:`compact_request`.)
+    """
+    runner.requests[req_id].num_prompt_tokens = view.resident_prompt_len
 
 
 def project_view_move(

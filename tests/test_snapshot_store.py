@@ -1,0 +1,99 @@
+"""Snapshots on the scheduler side (no engine): keys, the store, and the KV manager's pool."""
+
+from __future__ import annotations
+
+import random
+
+from test_kv_cache_manager import make_manager, owned, step
+
+from vllm_sink.core.policy import SinkWindowPolicy
+from vllm_sink.core.token_prefix import PrefixKeys
+
+POLICY = SinkWindowPolicy(sinks=4, window=64, block_size=32, max_chunk_tokens=96)
+
+
+def test_two_prefixes_share_a_key_exactly_when_their_tokens_agree():
+    rng = random.Random(0)
+    base = [rng.randrange(500) for _ in range(300)]
+    for trial in range(200):
+        other = list(base)
+        if trial % 2:
+            other[rng.randrange(300)] = 999  # differs at one position
+        a, b = PrefixKeys(base, 32, b"s"), PrefixKeys(other, 32, b"s")
+        for n in (0, 1, 31, 32, 33, 64, 100, 299, 300):
+            assert (a.key(n) == b.key(n)) == (base[:n] == other[:n])
+    assert PrefixKeys(base, 32, b"s").key(100) != PrefixKeys(base, 32, b"t").key(100)
+    assert PrefixKeys(base, 32, b"s").key(100) != PrefixKeys(base, 32, b"s").key(99)
+
+
+def stream(manager, req: str, tokens: int) -> None:
+    """A stream of ``tokens`` tokens: a prompt in chunks, then decoding."""
+    computed = 0
+    while computed < tokens:
+        new = min(96 if computed < 200 else 1, tokens - computed)
+        step(manager, req, computed, new)
+        computed += new
+    manager.remove_skipped_blocks(req, computed)
+
+
+def test_a_snapshot_keeps_the_blocks_readable_and_counts_them_free():
+    manager, pool = make_manager(POLICY, num_blocks=40)
+    manager.enable_snapshots(capacity=4, salt=b"e")
+    free_at_start = pool.get_num_free_blocks()
+    tokens = list(range(500))
+    stream(manager, "a", 500)
+    held = owned(manager, "a")
+    assert manager.keep_snapshot("a", tokens, "")
+    assert pool.get_num_free_blocks() == free_at_start  # nothing taken from live streams
+    found = manager.snapshots.find(tokens + [7, 8], "", max_tokens=501)
+    assert found is not None and found.num_tokens == 500
+    assert [b.block_id for b in found.blocks if not b.is_null] == held
+    assert manager.snapshots.find(tokens + [7, 8], "other salt", 501) is None
+    assert manager.snapshots.find(tokens[:499] + [7, 8], "", 501) is None
+    assert manager.snapshots.find(tokens, "", max_tokens=499) is None  # one token must be left
+
+    # The request that continues it takes its blocks over; the store forgets it.
+    manager.remove_skipped_blocks("b", 500)
+    manager.add_local_computed_blocks("b", list(found.blocks), 500, 0)
+    assert len(manager.snapshots) == 0
+    assert owned(manager, "b") == held
+    assert pool.get_num_free_blocks() == free_at_start - len(held)
+    manager.free("b")
+    assert pool.get_num_free_blocks() == free_at_start
+
+
+def test_live_streams_take_request_freed_blocks_first_then_the_oldest_snapshot():
+    manager, pool = make_manager(POLICY, num_blocks=24)
+    manager.enable_snapshots(capacity=8, salt=b"e")
+    stream(manager, "old", 300)
+    manager.keep_snapshot("old", list(range(300)), "")
+    stream(manager, "new", 300)
+    manager.keep_snapshot("new", list(range(1000, 1300)), "")
+    assert len(manager.snapshots) == 2
+    # A live stream needing the whole pool: the oldest snapshot gives way first.
+    free = pool.get_num_free_blocks()
+    per_snapshot = manager.snapshots.num_blocks // 2
+    step(manager, "live", 0, (free - per_snapshot) * 32)
+    assert len(manager.snapshots) == 1
+    assert manager.snapshots.find(list(range(1000, 1301)), "", 301) is not None
+    step(manager, "live2", 0, per_snapshot * 32)
+    assert len(manager.snapshots) == 0 and manager.snapshots.num_blocks == 0
+
+
+def test_the_store_holds_at_most_its_capacity_oldest_out():
+    manager, _ = make_manager(POLICY, num_blocks=64)
+    manager.enable_snapshots(capacity=2, salt=b"e")
+    for i in range(3):
+        stream(manager, f"r{i}", 150)
+        manager.keep_snapshot(f"r{i}", [i] * 150, "")
+    assert len(manager.snapshots) == 2
+    assert manager.snapshots.find([0] * 151, "", 150) is None
+    assert manager.snapshots.find([2] * 151, "", 150).source_request_id == "r2"
+
+
+def test_snapshots_off_frees_as_before():
+    manager, pool = make_manager(POLICY, num_blocks=40)
+    stream(manager, "a", 300)
+    assert not manager.keep_snapshot("a", list(range(300)), "")
+    manager.free("a")
+    assert len(manager.snapshots) == 0

@@ -1,0 +1,110 @@
+"""A request that continues a finished stream resumes it (a snapshot) instead of streaming again.
+
+Checked against the torch reference: a resumed stream must be the same stream
+continued, every token of the new request seeing the sinks and window that one
+uninterrupted stream over the same tokens, with the same steps, would see.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_helpers import random_prompt, tiny_streaming_engine
+from test_preemption import ScheduleLog
+from vllm import SamplingParams
+
+from vllm_sink_dev.reference import StreamingLlamaReference, window_starts_of_steps
+
+pytestmark = pytest.mark.engine
+
+SINKS, WINDOW, BLOCK, CHUNK = 4, 64, 32, 128
+FP32_TOLERANCE = 1e-3
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=0, logprobs=0, ignore_eos=True, detokenize=False
+    )
+
+
+def run(engine, requests: dict[str, list[int]], max_tokens: int) -> dict[str, list]:
+    """Serve ``requests`` together; each request's generated tokens and their logprobs."""
+    for req_id, prompt in requests.items():
+        engine.add_request(req_id, {"prompt_token_ids": prompt}, greedy(max_tokens))
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                completion = out.outputs[0]
+                logprobs = [d[t].logprob for d, t in zip(completion.logprobs, completion.token_ids)]
+                done[out.request_id] = (list(completion.token_ids), logprobs)
+    return done
+
+
+def expected_logprobs(ref, tokens, steps, generated_from: int) -> torch.Tensor:
+    """The reference's logprob of each token from ``generated_from`` on, for these steps."""
+    table = ref.logprobs(tokens, SINKS, window_starts_of_steps(steps, SINKS, WINDOW, BLOCK))
+    return torch.tensor(
+        [table[p - 1, tokens[p]].item() for p in range(generated_from, len(tokens))]
+    )
+
+
+@pytest.fixture
+def engine(tiny_llama, engine_factory):
+    llm = tiny_streaming_engine(engine_factory, tiny_llama, SINKS, WINDOW, BLOCK, CHUNK)
+    return llm.llm_engine
+
+
+def test_next_turn_resumes_the_stream_as_one_uninterrupted_stream(engine, tiny_llama):
+    core = engine.engine_core.engine_core
+    log = ScheduleLog(core.scheduler)
+    pool = core.scheduler.streaming_manager.block_pool
+    free_at_start = pool.get_num_free_blocks()
+    hits_before = core.scheduler.snapshot_hits
+
+    first = random_prompt(300, seed=41)
+    out1, _ = run(engine, {"t1": first}, 150)["t1"]
+    second = first + out1 + random_prompt(40, seed=42)
+    out2, got = run(engine, {"t2": second}, 120)["t2"]
+
+    steps1, steps2 = log.of("t1"), log.of("t2")
+    computed_by_t1 = len(first) + len(out1) - 1  # the last sampled token has no KV yet
+    assert steps2[0][0] == computed_by_t1  # resumed: prefilled only the rest
+    assert core.scheduler.snapshot_hits == hits_before + 1
+    ref = StreamingLlamaReference(tiny_llama)
+    expected = expected_logprobs(ref, second + out2, steps1 + steps2, len(second))
+    assert (torch.tensor(got) - expected).abs().max() < FP32_TOLERANCE
+    assert computed_by_t1 > SINKS + WINDOW + 4 * BLOCK  # the first turn evicted
+    assert pool.get_num_free_blocks() == free_at_start  # snapshots' blocks count as free
+
+
+def test_a_snapshot_serves_one_request_and_shared_prefixes_stay_apart(engine, tiny_llama):
+    """Two conversations share their opening; two requests continue one of them at once."""
+    core = engine.engine_core.engine_core
+    log = ScheduleLog(core.scheduler)
+    opening = random_prompt(200, seed=51)
+    firsts = {
+        "x1": opening + random_prompt(30, seed=52),
+        "y1": opening + random_prompt(30, seed=53),
+    }
+    outs = run(engine, firsts, 100)
+    hits_before = core.scheduler.snapshot_hits
+    seconds = {
+        "x2": firsts["x1"] + outs["x1"][0] + random_prompt(20, seed=54),
+        "y2": firsts["y1"] + outs["y1"][0] + random_prompt(20, seed=55),
+        "x2-again": firsts["x1"] + outs["x1"][0] + random_prompt(20, seed=54),
+    }
+    outs2 = run(engine, seconds, 60)
+    assert core.scheduler.snapshot_hits == hits_before + 2  # x2 or x2-again, and y2
+
+    ref = StreamingLlamaReference(tiny_llama)
+    resumed = 0
+    for req_id, prompt in seconds.items():
+        steps = log.of(req_id)
+        if steps[0][0]:  # continued its first turn's stream
+            resumed += 1
+            steps = log.of(req_id[0] + "1") + steps
+        generated, got = outs2[req_id]
+        expected = expected_logprobs(ref, prompt + generated, steps, len(prompt))
+        assert (torch.tensor(got) - expected).abs().max() < FP32_TOLERANCE, req_id
+    assert resumed == 2

@@ -1,0 +1,139 @@
+"""Finished streams kept for the request that continues them.
+
+When a stream's request ends, its cache (head block, resident window blocks)
+still holds the exact state of a stream over its first ``N`` tokens. Instead
+of freeing those blocks, the scheduler keeps them as a :class:`Snapshot` keyed
+by those tokens (:mod:`vllm_sink.core.token_prefix`); a new request whose prompt
+begins with the same ``N`` tokens takes the blocks over and prefills only the
+rest, as if its stream had never stopped.
+
+Snapshots never hold memory a live stream needs: their blocks go back to
+vLLM's block pool as free blocks that stay readable until reused
+(``BlockPool.unpin_blocks``), behind the blocks requests free, so the pool
+hands them out last and oldest snapshot first. When one of a snapshot's
+blocks is handed out, the whole snapshot is dropped. A snapshot is used once:
+the request that resumes it owns its blocks and writes into them (evictions
+refill the head block, re-rotations move the window), so a second request with
+the same prefix streams from the start.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from vllm_sink.core.token_prefix import PrefixKeys
+
+RESUME_KEY = "vllm_sink_resume"
+"""``extra_args`` entry the scheduler gives a request that continues a snapshot, for the
+worker: ``(source request id, tokens computed before the source's last step)``."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    key: bytes
+    """The key of the tokens it covers (:class:`~vllm_sink.core.token_prefix.PrefixKeys`)."""
+    source_request_id: str
+    """The request whose stream this is (the worker keeps its state under this id)."""
+    num_tokens: int
+    """``N``: tokens whose KV the blocks hold."""
+    last_step_start: int
+    """Tokens computed before the stream's last step: its evictions were decided at this count."""
+    blocks: tuple[Any, ...]
+    """The request's KV blocks, null placeholders where blocks were evicted."""
+    freed_until: int
+    """Block index below which the scheduler had freed the request's blocks."""
+
+
+class SnapshotStore:
+    """At most ``capacity`` snapshots, by key; dropped oldest first or when a block is reused.
+
+    Keys are salted with the engine's ``salt`` (model and streaming settings: a
+    cache is only valid under the policy that built it) and the request's own
+    (its ``cache_salt``, vLLM's per-request isolation of cached KV, and its
+    LoRA adapter).
+    """
+
+    def __init__(self, capacity: int, block_size: int, salt: bytes) -> None:
+        self.capacity = capacity
+        self.block_size = block_size
+        self.salt = salt
+        self._by_key: OrderedDict[bytes, Snapshot] = OrderedDict()
+        self._key_of_block: dict[int, bytes] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self._key_of_block)
+
+    def _keys(self, tokens: Sequence[int], request_salt: str) -> PrefixKeys:
+        salt = self.salt + request_salt.encode()
+        return PrefixKeys(tokens, self.block_size, salt)
+
+    def add(
+        self,
+        tokens: Sequence[int],
+        request_salt: str,
+        source_request_id: str,
+        last_step_start: int,
+        blocks: tuple[Any, ...],
+        freed_until: int,
+        release: Callable[[Snapshot], None],
+    ) -> None:
+        """Keep the snapshot of a stream over ``tokens``; the oldest goes if the store is full.
+
+        ``release`` gets the new snapshot, to put its blocks in the free queue.
+        """
+        key = self._keys(tokens, request_salt).key(len(tokens))
+        if key in self._by_key:
+            self.drop(key)
+        elif len(self._by_key) >= self.capacity:
+            self.drop(next(iter(self._by_key)))
+        snapshot = Snapshot(
+            key, source_request_id, len(tokens), last_step_start, blocks, freed_until
+        )
+        self._by_key[key] = snapshot
+        for block in blocks:
+            if not block.is_null:
+                self._key_of_block[block.block_id] = key
+        release(snapshot)
+
+    def find(self, tokens: Sequence[int], request_salt: str, max_tokens: int) -> Snapshot | None:
+        """The longest snapshot of a prefix of ``tokens`` of at most ``max_tokens`` tokens."""
+        lengths = sorted(
+            {s.num_tokens for s in self._by_key.values() if s.num_tokens <= max_tokens}
+        )
+        if not lengths:
+            return None
+        keys = self._keys(tokens[: lengths[-1]], request_salt)
+        for length in reversed(lengths):
+            snapshot = self._by_key.get(keys.key(length))
+            if snapshot is not None and snapshot.num_tokens == length:
+                return snapshot
+        return None
+
+    def owner_of(self, block: Any) -> Snapshot | None:
+        """The snapshot whose blocks include ``block``."""
+        key = self._key_of_block.get(block.block_id)
+        return None if key is None else self._by_key.get(key)
+
+    def take(self, snapshot: Snapshot) -> None:
+        """Hand ``snapshot`` to the request that resumes it (it leaves the store)."""
+        self.drop(snapshot.key)
+
+    def drop(self, key: bytes) -> Snapshot:
+        snapshot = self._by_key.pop(key)
+        for block in snapshot.blocks:
+            if not block.is_null and self._key_of_block.get(block.block_id) == key:
+                del self._key_of_block[block.block_id]
+        return snapshot
+
+    def block_reused(self, block_id: int) -> None:
+        """One of a snapshot's blocks was handed out: the snapshot is gone."""
+        key = self._key_of_block.get(block_id)
+        if key is not None and key in self._by_key:
+            self.drop(key)
