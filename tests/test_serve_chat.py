@@ -55,6 +55,8 @@ def wait_until_idle(server, timeout_s: float = 30) -> dict[str, float]:
 
 
 def test_thirty_turn_chat_outgrows_the_context(server, client):
+    """Every turn after the first resumes the previous turn's stream (a snapshot)."""
+    before = wait_until_idle(server)
     facts = ["The sky is blue.", "Cats like milk.", "Paris is in France.",
              "Water boils at 100 degrees.", "Bees make honey."]  # fmt: skip
     messages = [{"role": "system", "content": "You are a helpful assistant."}]
@@ -78,6 +80,15 @@ def test_thirty_turn_chat_outgrows_the_context(server, client):
     )
     assert reply.usage.prompt_tokens > CONTEXT  # no length 400: the history streams
     assert "Paris" in reply.choices[0].message.content
+    after = wait_until_idle(server)
+    hits = after["vllm_sink:snapshot_hits_total"] - before["vllm_sink:snapshot_hits_total"]
+    skipped = (
+        after["vllm_sink:snapshot_tokens_skipped_total"]
+        - before["vllm_sink:snapshot_tokens_skipped_total"]
+    )
+    print(f"30 turns: {hits:.0f} resumed a snapshot, {skipped:.0f} prompt tokens not prefilled")
+    assert hits == 29
+    assert skipped > 0.8 * 29 * reply.usage.prompt_tokens / 2  # most of each history
 
 
 def test_sse_streams_past_the_context(server, client, book):

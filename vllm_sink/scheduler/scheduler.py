@@ -56,11 +56,12 @@ class StreamingSchedulerMixin:
     def _free_request_blocks(self, request) -> None:
         if (
             request.is_finished()
+            and resumable(request)
             and self._request_blocks_can_be_freed(request)
             and self.streaming_manager.keep_snapshot(
                 request.request_id,
                 request.all_token_ids[: request.num_computed_tokens],
-                request.cache_salt,
+                request_salt(request),
             )
         ):
             return
@@ -70,11 +71,10 @@ class StreamingSchedulerMixin:
         hit = super()._get_local_prefix_cache_hit(request)  # none: vLLM's prefix cache is off
         snapshots = self.streaming_manager.snapshots
         snapshot = None
-        if len(snapshots) and not request.skip_reading_prefix_cache:
+        if len(snapshots) and resumable(request) and not request.skip_reading_prefix_cache:
             # At least the last prompt token is computed again, for its logits.
-            snapshot = snapshots.find(
-                request.all_token_ids, request.cache_salt, request.num_tokens - 1
-            )
+            last = request.num_tokens - 1
+            snapshot = snapshots.find(request.all_token_ids, request_salt(request), last)
         mark_resumed(request, snapshot)
         if snapshot is None:
             return hit
