@@ -79,7 +79,7 @@ def stream_and_capture(tokens: list[int], sinks: int, window: int, chunk: int):
 
         # The last step started with the last prompt chunk: its eviction count
         # says which blocks form the compact cache [head block, window blocks...].
-        policy = runner.streaming_policy
+        policy = runner.sink_policy
         last_step_start = (len(tokens) - 1) // chunk * chunk
         evicted = policy.evicted_blocks(last_step_start)
         (blocks,) = held.values()

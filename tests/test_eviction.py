@@ -18,7 +18,7 @@ from vllm_sink.core.policy import SinkWindowPolicy
 from vllm_sink.core.rerotation import RopeDeltas
 from vllm_sink.core.stream_state import StreamState
 from vllm_sink.worker.cpu_attn_layout import PagedKV, PageLayout
-from vllm_sink.worker.eviction import EvictionPlan, apply_eviction_plan
+from vllm_sink.worker.eviction import EvictionPlan, apply_eviction_plan, sink_keys_at_offset_zero
 
 HEAD = 8
 HEADS = 2
@@ -104,3 +104,23 @@ def test_resident_keys_keep_their_positions(sinks, spare_positions, chunk, style
     # around: once every ``period`` evicted blocks.
     if period > 1:
         assert rebases == shift // block // period
+
+
+@pytest.mark.parametrize("neox", [True, False], ids=["neox", "gptj"])
+def test_sink_keys_moved_back_to_offset_zero_match_keys_computed_there(neox):
+    """A resumed stream without its first copy of the sink keys rebuilds it from the head block."""
+    block, sinks, offset = 8, 4, 40
+    rope = rope_table(200, neox)
+    token_dim = torch.arange(block).view(-1, 1) * HEAD + torch.arange(HEAD).view(1, -1)
+    layout = PageLayout(token_dim, block * HEAD + token_dim, 2 * block * HEAD)
+    caches = [torch.zeros(6, HEADS, block, 2 * HEAD) for _ in range(2)]
+    layers = [(PagedKV.keys_of(c, layout), PagedKV.values_of(c, layout), rope) for c in caches]
+    u = torch.randn(2, sinks, HEADS, HEAD, generator=torch.Generator().manual_seed(1))
+    head = 3
+    for (keys, _, _), u_layer in zip(layers, u):  # sinks where an offset of 40 put them
+        moved = at_positions(neox, u_layer, list(range(offset, offset + sinks)))
+        keys.set(torch.tensor([head]), slice(0, sinks), moved.transpose(0, 1)[None])
+    rebuilt = sink_keys_at_offset_zero(layers, head, sinks, offset)
+    for layer, u_layer in enumerate(u):
+        expected = at_positions(neox, u_layer, list(range(sinks))).transpose(0, 1)
+        assert torch.allclose(rebuilt[layer], expected, atol=1e-5)

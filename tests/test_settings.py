@@ -12,6 +12,7 @@ from vllm_sink.config import (
     StreamingConfigError,
     StreamingSettings,
     streaming_policy,
+    streaming_settings,
 )
 from vllm_sink.worker.cpu_worker import worker_config
 
@@ -105,6 +106,8 @@ def engine_config(model, **kwargs):
         ({"streaming_sinks": 4}, {"enable_prompt_embeds": True}, "--enable-prompt-embeds"),
         ({"streaming_sinks": 4}, {"enable_prefix_caching": True}, "--enable-prefix-caching"),
         ({"streaming_sinks": 4}, {"max_model_len": 2**62}, "--max-model-len .* leave it out"),
+        ({"streaming_sinks": 4, "streaming_snapshots": -1}, {}, "--streaming-snapshots .* 0"),
+        ({"streaming_snapshots": 8}, {}, "--streaming-snapshots .* applies to streaming"),
         ({"streaming_sinks": 4}, {"scheduler_cls": "my.Scheduler"}, "remove --scheduler-cls"),
         ({"streaming_sinks": 4}, {"worker_cls": "my.Worker"}, "remove --worker-cls"),
     ],
@@ -178,7 +181,7 @@ def test_plugin_import_is_light_and_registration_idempotent():
         "from vllm.engine.arg_utils import EngineArgs;"
         "from vllm.utils.argparse_utils import FlexibleArgumentParser;"
         "help = EngineArgs.add_cli_args(FlexibleArgumentParser()).format_help();"
-        "assert help.count('--streaming-sinks') == 1, help"
+        "assert help.count('--streaming-sinks S') == 1, help"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -187,14 +190,22 @@ FUZZED_VALUES = [-1, 0, -(2**70), 2**70, 2**200, 1.5, 4.0, "4.5", "",
                  "x", None, True, [4], {"a": 1}]  # fmt: skip
 
 
-@pytest.mark.parametrize("key", ["streaming_sinks", "streaming_window"])
+@pytest.mark.parametrize("key", ["streaming_sinks", "streaming_window", "streaming_snapshots"])
 @pytest.mark.parametrize("value", FUZZED_VALUES, ids=repr)
 def test_fuzzed_settings_fail_at_start_up_naming_the_setting(tiny_llama, key, value):
     """Any bad value gives the user's error naming the flag and key, never one from vLLM.
 
-    ``streaming_sinks: 0`` is a valid setting (window attention) and is let through.
+    ``streaming_sinks: 0`` is a valid setting (window attention) and is let
+    through; so is any whole number of snapshots from 0 (the block pool bounds
+    what they hold).
     """
     settings = {key: value}
+    if key == "streaming_snapshots":
+        settings["streaming_sinks"] = 4
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            config = engine_config(tiny_llama, additional_config=settings)
+            assert streaming_settings(config).snapshots == value
+            return
     if key == "streaming_sinks" and value == 0 and not isinstance(value, bool):
         config = engine_config(tiny_llama, additional_config=settings)
         assert streaming_policy(config).sinks == 0

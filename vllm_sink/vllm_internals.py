@@ -88,6 +88,44 @@ INTERNALS: tuple[Internal, ...] = (
         Internal(SCHEDULER, "Scheduler", name, "attribute", (), "scheduler.scheduler")
         for name in ("kv_cache_manager", "log_stats", "vllm_config")
     ),
+    # Snapshots: a finished request's blocks kept, and handed over as a cache hit.
+    Internal(SCHEDULER, "Scheduler", "_free_request_blocks", "method", ("request",),
+             "scheduler.scheduler"),
+    Internal(SCHEDULER, "Scheduler", "_request_blocks_can_be_freed", "method", ("request",),
+             "scheduler.scheduler"),
+    Internal(SCHEDULER, "Scheduler", "_get_local_prefix_cache_hit", "method", ("request",),
+             "scheduler.scheduler"),
+    Internal(SCHEDULER, "Scheduler", "schedule", "method", (), "scheduler.scheduler"),
+    *(
+        Internal("vllm.v1.request", "Request", name, "attribute", (), "scheduler.vllm_scheduler")
+        for name in (
+            "all_token_ids", "num_computed_tokens", "num_tokens", "cache_salt", "lora_request",
+            "mm_features", "prompt_embeds", "skip_reading_prefix_cache", "sampling_params",
+            "request_id", "is_finished",
+        )
+    ),
+    Internal("vllm.v1.core.kv_cache_manager", "KVCacheManager", "create_kv_cache_blocks",
+             "method", ("blocks",), "scheduler.scheduler"),
+    Internal(KV_MANAGER, "SingleTypeKVCacheManager", "add_local_computed_blocks", "method",
+             ("request_id", "new_computed_blocks", "num_local_computed_tokens",
+              "num_external_computed_tokens"), "scheduler.kv_cache"),
+    Internal(KV_MANAGER, "SingleTypeKVCacheManager", "_has_partial_local_hit", "method",
+             ("new_computed_blocks", "num_local_computed_tokens"), "scheduler.kv_cache"),
+    Internal(KV_MANAGER, "SingleTypeKVCacheManager", "pop_blocks_for_free", "method",
+             ("request_id",), "scheduler.kv_cache"),
+    *(
+        Internal(KV_MANAGER, "SingleTypeKVCacheManager", name, "attribute", (),
+                 "scheduler.kv_cache")
+        for name in ("num_cached_block", "block_pool")
+    ),
+    Internal("vllm.v1.core.block_pool", "BlockPool", "unpin_blocks", "method",
+             ("blocks", "on_reuse"), "scheduler.kv_cache"),
+    Internal("vllm.v1.core.block_pool", "BlockPool", "touch", "method", ("blocks",),
+             "scheduler.kv_cache"),
+    *(
+        Internal(SCHED_OUTPUT, "NewRequestData", name, "field", (), WORKER_ADAPTER)
+        for name in ("sampling_params", "block_ids", "num_computed_tokens", "prompt_token_ids")
+    ),
     Internal("vllm.v1.core.kv_cache_manager", "KVCacheManager", "coordinator", "attribute", (),
              "scheduler.vllm_scheduler"),
     Internal("vllm.v1.core.kv_cache_coordinator", "KVCacheCoordinator", "single_type_managers",

@@ -4,7 +4,8 @@
   request whose prompt begins with a snapshot's tokens gets it as its cache hit
   (vLLM's own prefix-hit path: ``_get_local_prefix_cache_hit``), prefilling
   only the rest (:mod:`vllm_sink.scheduler.snapshots`). The worker learns which
-  stream it continues from the request's ``extra_args`` (:data:`RESUME_KEY`).
+  stream it continues from the request's ``extra_args``
+  (:data:`~vllm_sink.scheduler.snapshots.RESUME_KEY`).
 * vLLM makes its scheduler stats once per step (``make_stats``) when stats are
   on; the streaming figures are made at the same moment from the streaming KV
   manager and written to this engine core's board (:mod:`vllm_sink.metrics`),
@@ -23,8 +24,13 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm_sink.config import streaming_policy, streaming_settings
 from vllm_sink.metrics import StreamingBoard, engine_key
 from vllm_sink.scheduler.kv_cache import StreamingSinkManager
-from vllm_sink.scheduler.snapshots import RESUME_KEY, Snapshot
-from vllm_sink.scheduler.vllm_scheduler import single_type_managers
+from vllm_sink.scheduler.vllm_scheduler import (
+    computed_tokens,
+    mark_resumed,
+    request_salt,
+    resumable,
+    single_type_managers,
+)
 
 PUBLISH_INTERVAL_S = 0.5
 """How often a busy scheduler refreshes the figures (they cost O(streams) to make)."""
@@ -59,9 +65,7 @@ class StreamingSchedulerMixin:
             and resumable(request)
             and self._request_blocks_can_be_freed(request)
             and self.streaming_manager.keep_snapshot(
-                request.request_id,
-                request.all_token_ids[: request.num_computed_tokens],
-                request_salt(request),
+                request.request_id, computed_tokens(request), request_salt(request)
             )
         ):
             return
@@ -137,29 +141,3 @@ def engine_salt(model: str, policy) -> bytes:
     """Snapshot keys are valid only under the model and policy that built the cache."""
     settings = (model, policy.sinks, policy.window, policy.block_size, policy.max_chunk_tokens)
     return hashlib.sha256(repr(settings).encode()).digest()
-
-
-def resumable(request) -> bool:
-    """Whether the request's KV is a function of its token ids (no images or embeddings)."""
-    return not request.mm_features and request.prompt_embeds is None
-
-
-def request_salt(request) -> str:
-    """What besides token ids makes a request's KV its own: its cache salt and LoRA adapter."""
-    lora = request.lora_request
-    return f"{request.cache_salt or ''}|{lora.lora_int_id if lora is not None else ''}"
-
-
-def mark_resumed(request, snapshot: Snapshot | None) -> None:
-    """Tell the worker which stream ``request`` continues (or that it continues none)."""
-    params = request.sampling_params
-    if params is None:
-        return
-    extra = params.extra_args or {}
-    if snapshot is None and RESUME_KEY not in extra:
-        return
-    params = params.clone()  # the request's own copy: an in-process engine may share it
-    params.extra_args = {k: v for k, v in extra.items() if k != RESUME_KEY}
-    if snapshot is not None:
-        params.extra_args[RESUME_KEY] = (snapshot.source_request_id, snapshot.last_step_start)
-    request.sampling_params = params

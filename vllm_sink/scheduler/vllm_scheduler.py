@@ -1,4 +1,4 @@
-"""The scheduler side's reads of vLLM's private scheduler state, in one place.
+"""The scheduler side's reads of vLLM's private scheduler and request state, in one place.
 
 Every name used here is listed in :mod:`vllm_sink.vllm_internals` and checked
 by ``tests/test_vllm_contract.py``.
@@ -7,6 +7,8 @@ by ``tests/test_vllm_contract.py``.
 from __future__ import annotations
 
 from typing import Any
+
+from vllm_sink.scheduler.snapshots import RESUME_KEY, Snapshot
 
 
 def single_type_managers(scheduler: Any) -> tuple[Any, ...]:
@@ -23,3 +25,34 @@ def register_builtin_specs() -> None:
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
     KVCacheSpecRegistry._ensure_registered()
+
+
+def computed_tokens(request: Any) -> list[int]:
+    """The tokens whose KV the request's blocks hold."""
+    return request.all_token_ids[: request.num_computed_tokens]
+
+
+def resumable(request: Any) -> bool:
+    """Whether the request's KV is a function of its token ids (no images or embeddings)."""
+    return not request.mm_features and request.prompt_embeds is None
+
+
+def request_salt(request: Any) -> str:
+    """What besides token ids makes a request's KV its own: its cache salt and LoRA adapter."""
+    lora = request.lora_request
+    return f"{request.cache_salt or ''}|{lora.lora_int_id if lora is not None else ''}"
+
+
+def mark_resumed(request: Any, snapshot: Snapshot | None) -> None:
+    """Tell the worker which stream ``request`` continues (or that it continues none)."""
+    params = request.sampling_params
+    if params is None:
+        return
+    extra = params.extra_args or {}
+    if snapshot is None and RESUME_KEY not in extra:
+        return
+    params = params.clone()  # the request's own copy: an in-process engine may share it
+    params.extra_args = {k: v for k, v in extra.items() if k != RESUME_KEY}
+    if snapshot is not None:
+        params.extra_args[RESUME_KEY] = (snapshot.source_request_id, snapshot.last_step_start)
+    request.sampling_params = params

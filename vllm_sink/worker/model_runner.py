@@ -223,8 +223,9 @@ class StreamingModelRunnerMixin:
 
         Only streams past their first eviction carry state the cache does not
         (the sink keys' first copy). The scheduler keeps at most ``snapshots``
-        of them; at most ``max_num_seqs`` finish in one step, so keeping that
-        many more here never drops one the scheduler still has.
+        streams and up to ``max_num_seqs`` finish in one step, so this keeps
+        that many; a stream no longer here is rebuilt from its cache (its sink
+        keys rotated once more, see :meth:`_resume`).
         """
         if stream is None or stream.first_sink_keys is None or self._finished_capacity <= 0:
             return
@@ -242,7 +243,7 @@ class StreamingModelRunnerMixin:
         """
         policy = self.sink_policy
         stream.shift = policy.position_shift(last_step_start)
-        del row[1 : 1 + stream.shift // policy.block_size]
+        runner_api.drop_evicted_blocks(row, stream.shift // policy.block_size)
         finished = self._finished_streams.pop(source_id, None)
         if finished is not None:
             stream.first_sink_keys = finished.first_sink_keys
@@ -293,7 +294,7 @@ class StreamingModelRunnerMixin:
         if plan:
             apply_eviction_plan(plan, self._streaming_layers, policy)
         for (stream, row, _), shift in zip(resumed, resumed_shifts):
-            del row[1 : 1 + (shift - stream.shift) // policy.block_size]
+            runner_api.drop_evicted_blocks(row, (shift - stream.shift) // policy.block_size)
             stream.shift = shift
         for req_id, shift in moved:
             stream = self._streams[req_id]

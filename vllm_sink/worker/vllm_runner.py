@@ -10,7 +10,8 @@ runner) means reading this file.
 It is also the one place where a stream's compact view
 (:class:`~vllm_sink.core.stream_view.StreamView`) is projected into vLLM's
 objects: :func:`compact_request` for a row the batch (re)adds,
-:func:`project_resumed_view` for a request that continues a snapshot,
+:func:`drop_evicted_blocks` and :func:`project_resumed_view` for a request
+that continues a snapshot,
 :func:`project_computed_counts` after each scheduler update, and
 :func:`project_view_move` when an eviction moves a stream's view.
 """
@@ -166,6 +167,11 @@ def project_computed_counts(runner: Runner, streams: Mapping[str, StreamState]) 
         batch.num_computed_tokens_cpu[i] = computed - streams[req_id].shift
 
 
+def drop_evicted_blocks(row: list[int], count: int) -> None:
+    """Take ``count`` evicted blocks out of a block row, right after its head block."""
+    del row[1 : 1 + count]
+
+
 def project_resumed_view(runner: Runner, req_id: str, view: StreamView) -> None:
     """A request that continues a snapshot, just added: its state counts its view's prompt.
 
@@ -185,8 +191,7 @@ def project_view_move(
     state (:func:`compact_request`).
     """
     state = runner.requests[req_id]
-    dropped_blocks = (view.shift - before.shift) // block_size
-    del state.block_ids[0][1 : 1 + dropped_blocks]
+    drop_evicted_blocks(state.block_ids[0], (view.shift - before.shift) // block_size)
     newly_dropped = view.dropped_outputs - before.dropped_outputs
     first = view.first_droppable_output
     del state.output_token_ids[first : first + newly_dropped]
