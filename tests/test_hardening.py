@@ -96,3 +96,43 @@ def test_default_multiprocess_engine_starts_with_thousands_of_streams(tiny_llama
     result = json.loads(line.removeprefix("RESULT "))
     assert result["streams"] > 2_000
     assert result["tokens"] == 8
+
+
+def test_streaming_input_sessions_are_refused_and_the_engine_keeps_serving(tiny_llama):
+    """vLLM's resumable sessions get a clear error; the engine serves the next request."""
+    import asyncio
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.engine.protocol import StreamingInput
+    from vllm.inputs import TokensPrompt
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    args = AsyncEngineArgs(
+        model=str(tiny_llama), dtype="float32", block_size=32, max_num_batched_tokens=128,
+        skip_tokenizer_init=True, enforce_eager=True,
+        additional_config={"streaming_sinks": 4, "streaming_window": 64},
+    )  # fmt: skip
+    engine = AsyncLLM.from_engine_args(args)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, detokenize=False)
+
+    async def chunks():
+        yield StreamingInput(TokensPrompt(prompt_token_ids=random_prompt(40, seed=5)))
+
+    async def session_then_plain() -> tuple[str, list[int]]:
+        try:
+            async for _ in engine.generate(chunks(), params, request_id="session"):
+                pass
+            refusal = "none"
+        except Exception as error:  # vLLM hands the input stream's error to the caller
+            refusal = str(error)
+        prompt = TokensPrompt(prompt_token_ids=random_prompt(40, seed=6))
+        async for out in engine.generate(prompt, params, request_id="plain"):
+            final = out
+        return refusal, list(final.outputs[0].token_ids)
+
+    try:
+        refusal, served = asyncio.run(session_then_plain())
+    finally:
+        engine.shutdown()
+    assert "does not support streaming-input sessions" in refusal
+    assert len(served) == 4
