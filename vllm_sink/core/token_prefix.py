@@ -30,9 +30,6 @@ class PrefixKeys:
             chain.append(hashlib.sha256(chain[-1] + block).digest())
         self._chain = chain
 
-    def __len__(self) -> int:
-        return len(self._tokens)
-
     def key(self, length: int) -> bytes:
         """The key of the first ``length`` tokens."""
         if not 0 <= length <= len(self._tokens):
@@ -42,8 +39,3 @@ class PrefixKeys:
         return hashlib.sha256(
             self._chain[full_blocks] + tail + length.to_bytes(8, "little")
         ).digest()
-
-
-def prefix_key(tokens: Sequence[int], block_size: int, salt: bytes) -> bytes:
-    """The key of all of ``tokens``."""
-    return PrefixKeys(tokens, block_size, salt).key(len(tokens))

@@ -171,7 +171,7 @@ class StreamingSinkManager(SingleTypeKVCacheManager):
         num_local_computed_tokens: int,
         num_external_computed_tokens: int,
     ) -> None:
-        """Hand a snapshot (the scheduler's cache hit, :meth:`find_snapshot`) to the request."""
+        """Hand the snapshot the scheduler found as this request's cache hit to the request."""
         snapshot = self.snapshots.owner_of(new_computed_blocks[0])
         if snapshot is None or snapshot.num_tokens != num_local_computed_tokens:
             raise RuntimeError(f"vllm-sink: no snapshot for the cache hit of {request_id}")

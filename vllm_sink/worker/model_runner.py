@@ -188,8 +188,7 @@ class StreamingModelRunnerMixin:
         streams = self._streams
         for req_id in scheduler_output.finished_req_ids:
             self._keep_finished(req_id, streams.pop(req_id, None))
-        resumed: list[tuple[StreamState, list[int], int]] = []
-        resumed_ids: list[str] = []
+        resumed: list[tuple[str, list[int], int]] = []
         for new_req in scheduler_output.scheduled_new_reqs:
             assert new_req.prompt_token_ids is not None, "streams take token prompts"
             stream = streams[new_req.req_id] = StreamState(len(new_req.prompt_token_ids))
@@ -202,14 +201,13 @@ class StreamingModelRunnerMixin:
             if source is not None:
                 row = runner_api.new_block_row(new_req)
                 self._resume(stream, row, *source)
-                resumed.append((stream, row, new_req.num_computed_tokens))
-                resumed_ids.append(new_req.req_id)
+                resumed.append((new_req.req_id, row, new_req.num_computed_tokens))
         # Evict before vLLM appends this step's new blocks to the rows: a row
         # then never holds more than the cache.
         moved = self._evict(scheduler_output.scheduled_cached_reqs, resumed)
         result = super()._update_states(scheduler_output)
-        for req_id in resumed_ids:
-            runner_api.project_resumed_view(
+        for req_id, _, _ in resumed:
+            runner_api.project_prompt_count(
                 self, req_id, streams[req_id].view(self.sink_policy.sinks)
             )
         runner_api.project_computed_counts(self, streams)
@@ -271,12 +269,10 @@ class StreamingModelRunnerMixin:
             runner_api.add_to_positions(self, offsets, num_scheduled_tokens)
         return outputs
 
-    def _evict(
-        self, cached: CachedRequestData, resumed: list[tuple[StreamState, list[int], int]]
-    ) -> bool:
+    def _evict(self, cached: CachedRequestData, resumed: list[tuple[str, list[int], int]]) -> bool:
         """Carry out this step's evictions and move each stream's view along.
 
-        ``resumed``: new requests continuing a snapshot (state, block row,
+        ``resumed``: new requests continuing a snapshot (id, block row,
         computed tokens), not yet in the batch; their rows are compacted here.
         """
         policy = self.sink_policy
@@ -290,10 +286,11 @@ class StreamingModelRunnerMixin:
             shift = plan.add(policy, stream, runner_api.block_row(self, req_id), computed)
             if shift != stream.shift:
                 moved.append((req_id, shift))
-        resumed_shifts = [plan.add(policy, stream, row, n) for stream, row, n in resumed]
+        resumed_shifts = [plan.add(policy, self._streams[r], row, n) for r, row, n in resumed]
         if plan:
             apply_eviction_plan(plan, self._streaming_layers, policy)
-        for (stream, row, _), shift in zip(resumed, resumed_shifts):
+        for (req_id, row, _), shift in zip(resumed, resumed_shifts):
+            stream = self._streams[req_id]
             runner_api.drop_evicted_blocks(row, (shift - stream.shift) // policy.block_size)
             stream.shift = shift
         for req_id, shift in moved:

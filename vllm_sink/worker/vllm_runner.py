@@ -10,7 +10,7 @@ runner) means reading this file.
 It is also the one place where a stream's compact view
 (:class:`~vllm_sink.core.stream_view.StreamView`) is projected into vLLM's
 objects: :func:`compact_request` for a row the batch (re)adds,
-:func:`drop_evicted_blocks` and :func:`project_resumed_view` for a request
+:func:`drop_evicted_blocks` and :func:`project_prompt_count` for a request
 that continues a snapshot,
 :func:`project_computed_counts` after each scheduler update, and
 :func:`project_view_move` when an eviction moves a stream's view.
@@ -161,10 +161,9 @@ def compact_request(
 
 def project_computed_counts(runner: Runner, streams: Mapping[str, StreamState]) -> None:
     """Each batch row's computed count in its view (vLLM's update wrote the absolute one)."""
-    batch = runner.input_batch
-    for i, req_id in enumerate(batch.req_ids[: batch.num_reqs]):
+    for i, req_id in enumerate(batch_req_ids(runner)):
         computed = runner.requests[req_id].num_computed_tokens
-        batch.num_computed_tokens_cpu[i] = computed - streams[req_id].shift
+        runner.input_batch.num_computed_tokens_cpu[i] = computed - streams[req_id].shift
 
 
 def drop_evicted_blocks(row: list[int], count: int) -> None:
@@ -172,10 +171,11 @@ def drop_evicted_blocks(row: list[int], count: int) -> None:
     del row[1 : 1 + count]
 
 
-def project_resumed_view(runner: Runner, req_id: str, view: StreamView) -> None:
-    """A request that continues a snapshot, just added: its state counts its view's prompt.
+def project_prompt_count(runner: Runner, req_id: str, view: StreamView) -> None:
+    """The request's state counts the prompt tokens its view holds.
 
-    (Its batch row was written from the view by :func:`compact_request`.)
+    After an eviction, and for a request that continues a snapshot once it is
+    added (its batch row was written from the view by :func:`compact_request`).
     """
     runner.requests[req_id].num_prompt_tokens = view.resident_prompt_len
 
@@ -195,10 +195,10 @@ def project_view_move(
     newly_dropped = view.dropped_outputs - before.dropped_outputs
     first = view.first_droppable_output
     del state.output_token_ids[first : first + newly_dropped]
-    state.num_prompt_tokens = view.resident_prompt_len
+    project_prompt_count(runner, req_id, view)
 
     batch = runner.input_batch
-    i = batch.req_id_to_index.get(req_id)
+    i = batch_row(runner, req_id)
     if i is None:
         return
     blocks = batch.block_table[0]
