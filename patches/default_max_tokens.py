@@ -9,10 +9,7 @@ the OpenAI server's ``get_max_tokens`` before). With streaming and no
 ``--max-model-len`` there is no limit, so such a request (most chat clients
 omit ``max_tokens``) would run until the model emits EOS, forever on a base
 model. Here it gets the default of :func:`vllm_sink.frontend.limits.default_max_tokens`
-instead: the model's own context. The same wrapper refuses vLLM's
-streaming-input sessions (``resumable`` requests) with a clear error
-(:func:`vllm_sink.frontend.limits.refuse_streaming_input_session`), before
-anything reaches the engine.
+instead: the model's own context.
 Why no hook: vLLM's per-server default, ``max_new_tokens`` in
 ``--override-generation-config``, also caps every request that asks for more,
 and streams must be able to ask for any length. The platform's
@@ -31,15 +28,9 @@ def apply() -> None:
 
     @functools.wraps(original)
     def process_inputs(self, *args, **kwargs):
-        from vllm_sink.frontend.limits import (
-            bound_open_ended_request,
-            refuse_streaming_input_session,
-        )
+        from vllm_sink.frontend.limits import bound_open_ended_request
 
-        if kwargs.get("resumable"):
-            refuse_streaming_input_session(self.vllm_config)
         request = original(self, *args, **kwargs)
-
         bound_open_ended_request(self.vllm_config, request)
         return request
 

@@ -17,7 +17,7 @@ import torch
 from engine_helpers import kv_manager, random_prompt, tiny_streaming_engine
 from vllm import SamplingParams
 
-from vllm_sink_dev.reference import StreamingLlamaReference, window_starts_of_steps
+from vllm_sink_dev.reference import StreamingLlamaReference
 
 pytestmark = pytest.mark.engine
 
@@ -43,10 +43,14 @@ class ScheduleLog:
 
         scheduler.schedule = logged_schedule  # observes; vLLM's method still does the work
 
-    def of(self, req_id: str) -> list[tuple[int, int]]:
-        """The steps of the request the caller named ``req_id`` (vLLM adds a suffix)."""
+    def internal_id(self, req_id: str) -> str:
+        """vLLM's id of the request the caller named ``req_id`` (vLLM adds a suffix)."""
         (internal,) = (r for r in self.steps if r.rpartition("-")[0] == req_id)
-        return self.steps[internal]
+        return internal
+
+    def of(self, req_id: str) -> list[tuple[int, int]]:
+        """The steps of the request the caller named ``req_id``."""
+        return self.steps[self.internal_id(req_id)]
 
     def lives(self, req_id: str) -> list[list[tuple[int, int]]]:
         """The request's steps, split where it started again from token 0."""
@@ -96,20 +100,7 @@ def test_preempted_streams_resume_as_the_reference_says(tiny_llama, engine_facto
                                                          generated)])  # fmt: skip
         lives = log.lives(req_id)
         resumed += len(lives) - 1
-        # Each output was sampled by the first step to end at its position.
-        sampled_in = {}
-        for life, steps in enumerate(lives):
-            for n, k in steps:
-                sampled_in.setdefault(n + k, life)
-        expected = torch.empty(len(generated))
-        for life, steps in enumerate(lives):
-            end = max(n + k for n, k in steps)
-            starts = window_starts_of_steps(steps, SINKS, WINDOW, BLOCK)
-            table = ref.logprobs(tokens[:end], SINKS, starts)
-            for j in range(len(generated)):
-                position = len(prompt) + j
-                if sampled_in[position] == life:
-                    expected[j] = table[position - 1, tokens[position]]
+        expected = ref.sampled_logprobs(tokens, len(prompt), lives, SINKS, WINDOW, BLOCK)
         assert (got - expected).abs().max() < FP32_TOLERANCE, req_id
         assert max(n + k for n, k in log.of(req_id)) > SINKS + WINDOW + 2 * BLOCK  # evicted
     assert resumed >= 5  # a, b and c at the second reset; whichever ran at the first

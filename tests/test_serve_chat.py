@@ -28,7 +28,9 @@ FLAGS = ["--streaming-sinks", "4", "--streaming-window", "252", "--block-size", 
 def server(smollm2, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve_chat")
     model = with_short_context(smollm2, CONTEXT, root / "SmolLM2-1k")
-    with vllm_serve(model, FLAGS, root / "server.log", kv_space_gib=1) as server:
+    # The Responses API keeps a conversation only with its store on.
+    responses_store = {"VLLM_ENABLE_RESPONSES_API_STORE": "1"}
+    with vllm_serve(model, FLAGS, root / "server.log", 1, responses_store) as server:
         yield server
 
 
@@ -89,6 +91,52 @@ def test_thirty_turn_chat_outgrows_the_context(server, client):
     print(f"30 turns: {hits:.0f} resumed a snapshot, {skipped:.0f} prompt tokens not prefilled")
     assert hits == 29
     assert skipped > 0.8 * 29 * reply.usage.prompt_tokens / 2  # most of each history
+
+
+def snapshot_figures(server) -> tuple[float, float]:
+    """Snapshot hits and misses so far, once the server is idle."""
+    metrics = wait_until_idle(server)
+    return metrics["vllm_sink:snapshot_hits_total"], metrics["vllm_sink:snapshot_misses_total"]
+
+
+def test_completions_that_extend_the_last_completion_resume_it(server, client, book):
+    """Text and token-id prompts that go on from the previous prompt and its completion."""
+    hits, misses = snapshot_figures(server)
+    prompt = book
+    for _ in range(3):
+        reply = client.completions.create(
+            model=server.model, prompt=prompt, max_tokens=24, temperature=0
+        )
+        prompt += reply.choices[0].text + "\n\nThe next section explains"
+    assert reply.usage.prompt_tokens > CONTEXT
+    ids = None
+    for turn in range(3):
+        reply = client.completions.create(
+            model=server.model, prompt=ids or prompt, max_tokens=24, temperature=0,
+            extra_body={"return_token_ids": True, "ignore_eos": True},
+        )  # fmt: skip
+        choice = reply.choices[0]
+        ids = choice.prompt_token_ids + choice.token_ids + [13] * (turn + 1)
+    after_hits, after_misses = snapshot_figures(server)
+    assert (after_hits - hits, after_misses - misses) == (5, 1)
+
+
+def test_responses_previous_response_id_resumes_the_conversation(server, client, book):
+    """vLLM's stateful Responses API: the server re-renders the history each turn."""
+    hits, misses = snapshot_figures(server)
+    reply = client.responses.create(
+        model=server.model, input=f"{book}\nWhat is this text about?",
+        max_output_tokens=24, temperature=0,
+    )  # fmt: skip
+    for question in ["Who is it written for?", "Say that in one sentence.", "Thank you."]:
+        reply = client.responses.create(
+            model=server.model, input=question, previous_response_id=reply.id,
+            max_output_tokens=24, temperature=0,
+        )  # fmt: skip
+        assert reply.output_text.strip()
+    assert reply.usage.input_tokens > CONTEXT
+    after_hits, after_misses = snapshot_figures(server)
+    assert (after_hits - hits, after_misses - misses) == (3, 1)
 
 
 def test_sse_streams_past_the_context(server, client, book):

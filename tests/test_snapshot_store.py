@@ -26,14 +26,19 @@ def test_two_prefixes_share_a_key_exactly_when_their_tokens_agree():
     assert PrefixKeys(base, 32, b"s").key(100) != PrefixKeys(base, 32, b"s").key(99)
 
 
-def stream(manager, req: str, tokens: int) -> None:
-    """A stream of ``tokens`` tokens: a prompt in chunks, then decoding."""
+def stream(manager, req: str, tokens: int, settle: bool = True) -> None:
+    """A stream of ``tokens`` tokens: a prompt in chunks, then decoding.
+
+    ``settle``: the blocks its last step left behind are freed as well (as if
+    one more step began); otherwise the last step's start is its last count.
+    """
     computed = 0
     while computed < tokens:
         new = min(96 if computed < 200 else 1, tokens - computed)
         step(manager, req, computed, new)
         computed += new
-    manager.remove_skipped_blocks(req, computed)
+    if settle:
+        manager.remove_skipped_blocks(req, computed)
 
 
 def test_a_snapshot_keeps_the_blocks_readable_and_counts_them_free():
@@ -45,12 +50,11 @@ def test_a_snapshot_keeps_the_blocks_readable_and_counts_them_free():
     held = owned(manager, "a")
     assert manager.keep_snapshot("a", tokens, "")
     assert pool.get_num_free_blocks() == free_at_start  # nothing taken from live streams
-    found = manager.snapshots.find(tokens + [7, 8], "", max_tokens=501)
-    assert found is not None and found.num_tokens == 500
+    found, length = manager.snapshots.find(tokens + [7, 8], "", max_tokens=501)
+    assert length == 500
     assert [b.block_id for b in found.blocks if not b.is_null] == held
     assert manager.snapshots.find(tokens + [7, 8], "other salt", 501) is None
-    assert manager.snapshots.find(tokens[:499] + [7, 8], "", 501) is None
-    assert manager.snapshots.find(tokens, "", max_tokens=499) is None  # one token must be left
+    assert manager.snapshots.find(tokens[:400] + [7] * 100, "", 501) is None
 
     # The request that continues it takes its blocks over; the store forgets it.
     manager.remove_skipped_blocks("b", 500)
@@ -59,6 +63,35 @@ def test_a_snapshot_keeps_the_blocks_readable_and_counts_them_free():
     assert owned(manager, "b") == held
     assert pool.get_num_free_blocks() == free_at_start - len(held)
     manager.free("b")
+    assert pool.get_num_free_blocks() == free_at_start
+
+
+def test_a_prompt_that_parts_from_a_snapshot_in_its_last_step_resumes_up_to_there():
+    """The stream's last step computed token 499 alone: any prompt agreeing on the
+    first 499 tokens resumes 499 of them; one parting earlier resumes nothing."""
+    manager, pool = make_manager(POLICY, num_blocks=40)
+    manager.enable_snapshots(capacity=4, salt=b"e")
+    free_at_start = pool.get_num_free_blocks()
+    tokens = list(range(500))
+    stream(manager, "a", 500, settle=False)
+    manager.keep_snapshot("a", tokens, "")
+    snapshots = manager.snapshots
+    assert snapshots.find(tokens[:499] + [7, 8], "", 501)[1] == 499
+    assert snapshots.find(tokens, "", max_tokens=499)[1] == 499  # one token left to compute
+    assert snapshots.find(tokens[:498] + [7, 8, 9], "", 501) is None
+
+    # A stream ending on a block boundary: the hit leaves the block the last step began.
+    stream(manager, "c", 449, settle=False)
+    manager.keep_snapshot("c", tokens[:449], "")
+    found, length = snapshots.find(tokens[:448] + [7, 8], "", 449)
+    assert length == 448 and found.num_tokens == 449
+    hit = snapshots.blocks_for(found, length)
+    assert len(hit) == 448 // 32 and len(found.blocks) == 448 // 32 + 1
+    manager.remove_skipped_blocks("d", 448)
+    manager.add_local_computed_blocks("d", list(hit), 448, 0)
+    assert owned(manager, "d") == [b.block_id for b in hit if not b.is_null]
+    manager.free("d")
+    snapshots.drop(next(iter(snapshots._by_key)))
     assert pool.get_num_free_blocks() == free_at_start
 
 
@@ -88,7 +121,7 @@ def test_the_store_holds_at_most_its_capacity_oldest_out():
         manager.keep_snapshot(f"r{i}", [i] * 150, "")
     assert len(manager.snapshots) == 2
     assert manager.snapshots.find([0] * 151, "", 150) is None
-    assert manager.snapshots.find([2] * 151, "", 150).source_request_id == "r2"
+    assert manager.snapshots.find([2] * 151, "", 150)[0].source_request_id == "r2"
 
 
 def test_snapshots_off_frees_as_before():

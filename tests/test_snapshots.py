@@ -108,3 +108,72 @@ def test_a_snapshot_serves_one_request_and_shared_prefixes_stay_apart(engine, ti
         expected = expected_logprobs(ref, prompt + generated, steps, len(prompt))
         assert (torch.tensor(got) - expected).abs().max() < FP32_TOLERANCE, req_id
     assert resumed == 2
+
+
+def test_preempted_or_aborted_resumed_requests_lose_nothing(engine, tiny_llama):
+    """A resumed stream preempted mid-flight recomputes its whole history; one aborted
+    leaves its stream for the next request; no block leaks."""
+    core = engine.engine_core.engine_core
+    log = ScheduleLog(core.scheduler)
+    pool = core.scheduler.streaming_manager.block_pool
+    free_at_start = pool.get_num_free_blocks()
+    ref = StreamingLlamaReference(tiny_llama)
+
+    first = random_prompt(300, seed=71)
+    out1, _ = run(engine, {"t1": first}, 150)["t1"]
+
+    # t2 continues t1 and is preempted (with a plain request beside it) while decoding.
+    second = first + out1 + random_prompt(40, seed=72)
+    engine.add_request("t2", {"prompt_token_ids": second}, greedy(120))
+    engine.add_request("u", {"prompt_token_ids": random_prompt(200, seed=73)}, greedy(100))
+    finished, step = {}, 0
+    while engine.has_unfinished_requests():
+        if step == 30:
+            assert engine.reset_prefix_cache(reset_running_requests=True)
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out.outputs[0]
+        step += 1
+    out2 = list(finished["t2"].token_ids)
+    got2 = [d[t].logprob for d, t in zip(finished["t2"].logprobs, out2)]
+    steps2 = log.of("t2")
+    restart = next(i for i, (n, _) in enumerate(steps2) if n == 0)
+    lives = [log.of("t1") + steps2[:restart], steps2[restart:]]
+    assert steps2[0][0] > 0 and lives[0][-1][0] > len(second)  # resumed, preempted decoding
+    expected = ref.sampled_logprobs(second + out2, len(second), lives, SINKS, WINDOW, BLOCK)
+    assert (torch.tensor(got2) - expected).abs().max() < FP32_TOLERANCE
+
+    # t3 continues t2 and is aborted after 20 tokens; t4 continues what t3 had sent.
+    third = second + out2 + random_prompt(30, seed=74)
+    engine.add_request("t3", {"prompt_token_ids": third}, greedy(1000))
+    sent: list[int] = []
+    while len(sent) < 20:
+        for out in engine.step():
+            sent = list(out.outputs[0].token_ids)
+    engine.abort_request([log.internal_id("t3")], internal=True)
+    assert not engine.has_unfinished_requests()
+    hits_before = core.scheduler.snapshot_hits
+    fourth = third + sent + random_prompt(20, seed=75)
+    out4, got4 = run(engine, {"t4": fourth}, 60)["t4"]
+    assert core.scheduler.snapshot_hits == hits_before + 1
+    steps = steps2[restart:] + log.of("t3") + log.of("t4")
+    expected = expected_logprobs(ref, fourth + out4, steps, len(fourth))
+    assert (torch.tensor(got4) - expected).abs().max() < FP32_TOLERANCE
+    assert pool.get_num_free_blocks() == free_at_start  # nothing leaked
+
+
+def test_a_prompt_that_rewrites_the_last_computed_token_resumes_before_it(engine, tiny_llama):
+    """A client's re-tokenized text may change the previous request's last token: the
+    stream resumes where its last step began and computes that token again."""
+    core = engine.engine_core.engine_core
+    log = ScheduleLog(core.scheduler)
+    first = random_prompt(300, seed=81)
+    out1, _ = run(engine, {"t1": first}, 100)["t1"]
+    rewritten = 3 if out1[-2] != 3 else 4  # out1[-2] is the last token t1 computed
+    second = first + out1[:-2] + [rewritten] + random_prompt(30, seed=82)
+    out2, got = run(engine, {"t2": second}, 60)["t2"]
+    steps1, steps2 = log.of("t1"), log.of("t2")
+    assert steps2[0][0] == len(first) + len(out1) - 2 == steps1[-1][0]
+    ref = StreamingLlamaReference(tiny_llama)
+    expected = expected_logprobs(ref, second + out2, steps1 + steps2, len(second))
+    assert (torch.tensor(got) - expected).abs().max() < FP32_TOLERANCE

@@ -126,6 +126,10 @@ INTERNALS: tuple[Internal, ...] = (
         Internal(SCHED_OUTPUT, "NewRequestData", name, "field", (), WORKER_ADAPTER)
         for name in ("sampling_params", "block_ids", "num_computed_tokens", "prompt_token_ids")
     ),
+    *(
+        Internal(SCHED_OUTPUT, "NewRequestData", name, "field", (), "scheduler.scheduler")
+        for name in ("sampling_params", "num_computed_tokens")
+    ),
     Internal("vllm.v1.core.kv_cache_manager", "KVCacheManager", "coordinator", "attribute", (),
              "scheduler.vllm_scheduler"),
     Internal("vllm.v1.core.kv_cache_coordinator", "KVCacheCoordinator", "single_type_managers",

@@ -98,6 +98,36 @@ class StreamingLlamaReference:
         """``out[p]`` = log-softmax of the next-token logits after position ``p``."""
         return torch.log_softmax(self.logits(token_ids, sinks, starts), dim=-1)
 
+    def sampled_logprobs(
+        self,
+        token_ids: list[int],
+        first: int,
+        lives: list[list[tuple[int, int]]],
+        sinks: int,
+        window: int,
+        block_size: int,
+    ) -> torch.Tensor:
+        """Logprob of each token from ``first`` on, as the step that sampled it saw the stream.
+
+        ``lives``: the stream's steps (see :func:`window_starts_of_steps`), one
+        list per time its history was computed from token 0 (a preempted
+        stream is computed again); each token was sampled by the first step
+        to end at its position.
+        """
+        sampled_in: dict[int, int] = {}
+        for life, steps in enumerate(lives):
+            for n, k in steps:
+                sampled_in.setdefault(n + k, life)
+        out = torch.full((len(token_ids) - first,), float("nan"))
+        for life, steps in enumerate(lives):
+            end = max(n + k for n, k in steps)
+            starts = window_starts_of_steps(steps, sinks, window, block_size)
+            table = self.logprobs(token_ids[:end], sinks, starts)
+            for p in range(first, len(token_ids)):
+                if sampled_in.get(p) == life:
+                    out[p - first] = table[p - 1, token_ids[p]]
+        return out
+
     @torch.no_grad()
     def logits(self, token_ids: list[int], sinks: int, starts: list[int]) -> torch.Tensor:
         """``out[p]`` = the next-token logits after position ``p`` (float32)."""

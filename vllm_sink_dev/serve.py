@@ -62,14 +62,24 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def vllm_serve(model: Path, flags: list[str], log: Path, kv_space_gib: int = 2) -> Iterator[Server]:
-    """``vllm serve model *flags`` on a free loopback port, until the block exits."""
+def vllm_serve(
+    model: Path,
+    flags: list[str],
+    log: Path,
+    kv_space_gib: int = 2,
+    env: dict[str, str] | None = None,
+) -> Iterator[Server]:
+    """``vllm serve model *flags`` on a free loopback port, until the block exits.
+
+    ``env``: more environment variables for the server.
+    """
     port = free_port()
     env = {
         **os.environ,
         "VLLM_CPU_KVCACHE_SPACE": str(kv_space_gib),
         "VLLM_CPU_OMP_THREADS_BIND": "0-1",
         "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+        **(env or {}),
     }
     command = [
         str(Path(sys.executable).parent / "vllm"), "serve", str(model), *flags,

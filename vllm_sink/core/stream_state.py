@@ -34,6 +34,15 @@ class StreamState:
     def view(self, sinks: int) -> StreamView:
         return StreamView(sinks, self.shift, self.prompt_len)
 
+    def next_input(self, prompt_len: int) -> None:
+        """A streaming-input session's next input: its history so far is the prompt now.
+
+        The cache and its evictions carry on; outputs kept from the last input
+        are prompt tokens from here on, and ``min_tokens`` is the new input's.
+        """
+        self.prompt_len = prompt_len
+        self.min_tokens = 0
+
     def restart(self, history_len: int) -> None:
         """A preempted stream recomputes its history as a prompt, from an empty cache."""
         self.min_tokens = max(0, self.min_tokens - (history_len - self.prompt_len))

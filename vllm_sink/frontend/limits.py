@@ -53,19 +53,3 @@ def bound_open_ended_request(config: VllmConfig, request: EngineCoreRequest) -> 
     )
     if params.max_tokens >= config.model_config.max_model_len - prompt_len:
         params.max_tokens = max(default, params.min_tokens)
-
-
-def refuse_streaming_input_session(config: VllmConfig) -> None:
-    """Streaming-input sessions (vLLM's ``StreamingInput``) are refused while streaming is on.
-
-    vLLM re-adds a session's request, with its KV, at each input chunk; the
-    worker would take it for a new stream and lose the evictions its cache has
-    been through. A request that sends the whole history resumes the previous
-    request's stream instead (snapshots).
-    """
-    if StreamingSettings.from_additional_config(config.additional_config) is not None:
-        raise ValueError(
-            "vllm-sink streaming does not support streaming-input sessions (StreamingInput): "
-            "send each input as its own request with the whole history so far; it resumes "
-            "the previous request's stream"
-        )

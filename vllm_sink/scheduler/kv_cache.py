@@ -171,15 +171,23 @@ class StreamingSinkManager(SingleTypeKVCacheManager):
         num_local_computed_tokens: int,
         num_external_computed_tokens: int,
     ) -> None:
-        """Hand the snapshot the scheduler found as this request's cache hit to the request."""
+        """Hand the snapshot the scheduler found as this request's cache hit to the request.
+
+        The hit may stop short of the snapshot's end (inside its last step):
+        blocks past the hit stay free.
+        """
         snapshot = self.snapshots.owner_of(new_computed_blocks[0])
-        if snapshot is None or snapshot.num_tokens != num_local_computed_tokens:
+        if snapshot is None or not (
+            snapshot.last_step_start <= num_local_computed_tokens <= snapshot.num_tokens
+            and tuple(new_computed_blocks)
+            == self.snapshots.blocks_for(snapshot, num_local_computed_tokens)
+        ):
             raise RuntimeError(f"vllm-sink: no snapshot for the cache hit of {request_id}")
         self.snapshots.take(snapshot)
-        self.block_pool.touch([block for block in snapshot.blocks if not block.is_null])
+        self.block_pool.touch([block for block in new_computed_blocks if not block.is_null])
         req_blocks = self.req_to_blocks[request_id]
         assert not req_blocks, "a snapshot goes to a request that holds no blocks yet"
-        req_blocks.extend(snapshot.blocks)
+        req_blocks.extend(new_computed_blocks)
         self.num_cached_block[request_id] = len(req_blocks)
         self._freed_until[request_id] = snapshot.freed_until
         # Free what the stream evicts before its first step as this request.

@@ -24,6 +24,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm_sink.config import streaming_policy, streaming_settings
 from vllm_sink.metrics import StreamingBoard, engine_key
 from vllm_sink.scheduler.kv_cache import StreamingSinkManager
+from vllm_sink.scheduler.snapshots import resume_source
 from vllm_sink.scheduler.vllm_scheduler import (
     computed_tokens,
     mark_resumed,
@@ -74,25 +75,27 @@ class StreamingSchedulerMixin:
     def _get_local_prefix_cache_hit(self, request):
         hit = super()._get_local_prefix_cache_hit(request)  # none: vLLM's prefix cache is off
         snapshots = self.streaming_manager.snapshots
-        snapshot = None
+        found = None
         if len(snapshots) and resumable(request) and not request.skip_reading_prefix_cache:
             # At least the last prompt token is computed again, for its logits.
             last = request.num_tokens - 1
-            snapshot = snapshots.find(request.all_token_ids, request_salt(request), last)
-        mark_resumed(request, snapshot)
-        if snapshot is None:
+            found = snapshots.find(request.all_token_ids, request_salt(request), last)
+        mark_resumed(request, found[0] if found else None)
+        if found is None:
             return hit
-        blocks = self.kv_cache_manager.create_kv_cache_blocks((list(snapshot.blocks),))
-        return blocks, snapshot.num_tokens, 0, False
+        snapshot, length = found
+        blocks = snapshots.blocks_for(snapshot, length)
+        return self.kv_cache_manager.create_kv_cache_blocks((list(blocks),)), length, 0, False
 
     def schedule(self, *args, **kwargs):
         output = super().schedule(*args, **kwargs)
         for new in output.scheduled_new_reqs:
-            if new.num_computed_tokens:
+            if not new.num_computed_tokens:
+                self.snapshot_misses += 1
+            elif resume_source(new.sampling_params) is not None:
                 self.snapshot_hits += 1
                 self.snapshot_tokens_skipped += new.num_computed_tokens
-            else:
-                self.snapshot_misses += 1
+            # else: a streaming-input session's next input, its own cache kept
         return output
 
     # ------------------------------------------------------------------ metrics

@@ -7,6 +7,13 @@ by those tokens (:mod:`vllm_sink.core.token_prefix`); a new request whose prompt
 begins with the same ``N`` tokens takes the blocks over and prefills only the
 rest, as if its stream had never stopped.
 
+A prompt may also part from the snapshot's tokens inside the stream's last
+step (typically its last token: a completion's final token re-tokenized with
+the text the client appends). Evictions are decided once per step, at its
+start, so the cache over the first ``L`` tokens, for any ``L`` from that step's
+start to ``N``, is the state of a stream whose last step was cut at ``L``;
+the request resumes at the longest such ``L`` and recomputes from there.
+
 Snapshots never hold memory a live stream needs: their blocks go back to
 vLLM's block pool as free blocks that stay readable until reused
 (``BlockPool.unpin_blocks``), behind the blocks requests free, so the pool
@@ -31,6 +38,15 @@ RESUME_KEY = "vllm_sink_resume"
 worker: ``(source request id, tokens computed before the source's last step)``."""
 
 
+def resume_source(params: Any) -> tuple[str, int] | None:
+    """The :data:`RESUME_KEY` entry of a request's sampling parameters, if it has one."""
+    extra = (params.extra_args or {}) if params is not None else {}
+    if RESUME_KEY not in extra:
+        return None
+    source, last_step_start = extra[RESUME_KEY]
+    return str(source), int(last_step_start)
+
+
 @dataclass(frozen=True)
 class Snapshot:
     key: bytes
@@ -41,10 +57,23 @@ class Snapshot:
     """``N``: tokens whose KV the blocks hold."""
     last_step_start: int
     """Tokens computed before the stream's last step: its evictions were decided at this count."""
+    start_key: bytes
+    """The key of the first :attr:`last_step_start` tokens."""
+    last_step_tokens: tuple[int, ...]
+    """The tokens the last step computed (``N - last_step_start`` of them)."""
     blocks: tuple[Any, ...]
     """The request's KV blocks, null placeholders where blocks were evicted."""
     freed_until: int
     """Block index below which the scheduler had freed the request's blocks."""
+
+    def resumable_length(self, tokens: Sequence[int], max_tokens: int) -> int:
+        """Tokens of ``tokens`` (whose first :attr:`last_step_start` match) it can resume."""
+        length = self.last_step_start
+        for ours, theirs in zip(self.last_step_tokens, tokens[length:max_tokens]):
+            if ours != theirs:
+                break
+            length += 1
+        return length
 
 
 class SnapshotStore:
@@ -88,13 +117,21 @@ class SnapshotStore:
 
         ``release`` gets the new snapshot, to put its blocks in the free queue.
         """
-        key = self._keys(tokens, request_salt).key(len(tokens))
+        keys = self._keys(tokens, request_salt)
+        key = keys.key(len(tokens))
         if key in self._by_key:
             self.drop(key)
         elif len(self._by_key) >= self.capacity:
             self.drop(next(iter(self._by_key)))
         snapshot = Snapshot(
-            key, source_request_id, len(tokens), last_step_start, blocks, freed_until
+            key,
+            source_request_id,
+            len(tokens),
+            last_step_start,
+            keys.key(last_step_start),
+            tuple(tokens[last_step_start:]),
+            blocks,
+            freed_until,
         )
         self._by_key[key] = snapshot
         for block in blocks:
@@ -102,19 +139,31 @@ class SnapshotStore:
                 self._key_of_block[block.block_id] = key
         release(snapshot)
 
-    def find(self, tokens: Sequence[int], request_salt: str, max_tokens: int) -> Snapshot | None:
-        """The longest snapshot of a prefix of ``tokens`` of at most ``max_tokens`` tokens."""
-        lengths = sorted(
-            {s.num_tokens for s in self._by_key.values() if s.num_tokens <= max_tokens}
-        )
-        if not lengths:
+    def find(
+        self, tokens: Sequence[int], request_salt: str, max_tokens: int
+    ) -> tuple[Snapshot, int] | None:
+        """The snapshot that resumes the most of ``tokens``, at most ``max_tokens`` of them.
+
+        With how many tokens it resumes; ``None`` if none resumes a token.
+        """
+        starts = {
+            s.last_step_start for s in self._by_key.values() if s.last_step_start <= max_tokens
+        }
+        if not starts:
             return None
-        keys = self._keys(tokens[: lengths[-1]], request_salt)
-        for length in reversed(lengths):
-            snapshot = self._by_key.get(keys.key(length))
-            if snapshot is not None and snapshot.num_tokens == length:
-                return snapshot
-        return None
+        keys = self._keys(tokens[: max(starts)], request_salt)
+        start_keys = {keys.key(start) for start in starts}
+        best: tuple[Snapshot, int] | None = None
+        for snapshot in self._by_key.values():
+            if snapshot.start_key in start_keys:
+                length = snapshot.resumable_length(tokens, max_tokens)
+                if length and (best is None or length > best[1]):
+                    best = (snapshot, length)
+        return best
+
+    def blocks_for(self, snapshot: Snapshot, length: int) -> tuple[Any, ...]:
+        """The snapshot's blocks that hold its first ``length`` tokens."""
+        return snapshot.blocks[: -(-length // self.block_size)]
 
     def owner_of(self, block: Any) -> Snapshot | None:
         """The snapshot whose blocks include ``block``."""

@@ -19,6 +19,9 @@ length, and every per-request buffer stays as small as the cache:
   (:mod:`vllm_sink.worker.input_batch`); its rows are ``view_width`` tokens wide
   because the worker's config says so (:mod:`vllm_sink.worker.cpu_worker`);
 * ``min_tokens`` is counted over the whole stream (:mod:`vllm_sink.worker.min_tokens`);
+* a request may continue a finished stream (a snapshot, see :meth:`_resume`),
+  and a streaming-input session (vLLM's ``StreamingInput``) is one stream
+  across its inputs: its state stays here while it waits for the next one;
 * each layer's spec becomes a :class:`~vllm_sink.scheduler.kv_cache.StreamingSinkSpec`.
 
 Each stream's state is one :class:`~vllm_sink.core.stream_state.StreamState`;
@@ -191,17 +194,26 @@ class StreamingModelRunnerMixin:
         resumed: list[tuple[str, list[int], int]] = []
         for new_req in scheduler_output.scheduled_new_reqs:
             assert new_req.prompt_token_ids is not None, "streams take token prompts"
-            stream = streams[new_req.req_id] = StreamState(len(new_req.prompt_token_ids))
+            req_id, prompt_len = new_req.req_id, len(new_req.prompt_token_ids)
+            stream = streams.get(req_id)
+            session = stream is not None  # a streaming-input session's next input
+            if session:
+                stream.next_input(prompt_len)
+            else:
+                stream = streams[req_id] = StreamState(prompt_len)
             params = new_req.sampling_params
             if params is not None and params.min_tokens:
                 stream.min_tokens = params.min_tokens
                 stream.stop_token_ids = params.all_stop_token_ids
-                self._awaiting_min_tokens.add(new_req.req_id)
-            source = runner_api.resumed_from(new_req)
-            if source is not None:
+                self._awaiting_min_tokens.add(req_id)
+            source = None if session else runner_api.resumed_from(new_req)
+            if session or source is not None:
                 row = runner_api.new_block_row(new_req)
-                self._resume(stream, row, *source)
-                resumed.append((new_req.req_id, row, new_req.num_computed_tokens))
+                if source is not None:
+                    self._resume(stream, row, *source)
+                else:
+                    runner_api.drop_evicted_blocks(row, stream.shift // self.sink_policy.block_size)
+                resumed.append((req_id, row, new_req.num_computed_tokens))
         # Evict before vLLM appends this step's new blocks to the rows: a row
         # then never holds more than the cache.
         moved = self._evict(scheduler_output.scheduled_cached_reqs, resumed)
@@ -272,8 +284,9 @@ class StreamingModelRunnerMixin:
     def _evict(self, cached: CachedRequestData, resumed: list[tuple[str, list[int], int]]) -> bool:
         """Carry out this step's evictions and move each stream's view along.
 
-        ``resumed``: new requests continuing a snapshot (id, block row,
-        computed tokens), not yet in the batch; their rows are compacted here.
+        ``resumed``: new requests that continue a cached stream, a snapshot or
+        a streaming-input session's next input (id, block row, computed
+        tokens), not yet in the batch; their rows are compacted here.
         """
         policy = self.sink_policy
         plan = EvictionPlan(self._rebase_period_blocks)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from vllm_sink.core.stream_view import StreamView
-from vllm_sink.scheduler.snapshots import RESUME_KEY
+from vllm_sink.scheduler.snapshots import resume_source
 
 if TYPE_CHECKING:
     from vllm.v1.worker.gpu_input_batch import CachedRequestState
@@ -80,12 +80,9 @@ def resumed_from(new_request: Any) -> tuple[str, int] | None:
 
     Set by the scheduler (:data:`vllm_sink.scheduler.snapshots.RESUME_KEY`).
     """
-    params = new_request.sampling_params
-    extra = (params.extra_args or {}) if params is not None else {}
-    if RESUME_KEY not in extra or not new_request.num_computed_tokens:
+    if not new_request.num_computed_tokens:
         return None
-    source, last_step_start = extra[RESUME_KEY]
-    return str(source), int(last_step_start)
+    return resume_source(new_request.sampling_params)
 
 
 def new_block_row(new_request: Any) -> list[int]:
