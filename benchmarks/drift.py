@@ -100,18 +100,17 @@ def fresh_layer0_keys(token_ids: list[int], offset: int):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from vllm_sink_dev.reference import _rope_cos_sin, _rotate
+    from vllm_sink_dev.reference import _rope_cos_sin, _rope_frequencies, _rotate
 
     model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rope = getattr(config, "rope_parameters", None) or {}
-    theta = float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    inv_freq, scale = _rope_frequencies(config, head_dim)
     layer = model.model.layers[0]
     with torch.no_grad():
         hidden = layer.input_layernorm(model.model.embed_tokens(torch.tensor(token_ids)))
         keys = layer.self_attn.k_proj(hidden).view(len(token_ids), -1, head_dim)
-        cos, sin = _rope_cos_sin(torch.arange(len(token_ids)) + offset, head_dim, theta)
+        cos, sin = _rope_cos_sin(torch.arange(len(token_ids)) + offset, inv_freq, scale)
         return _rotate(keys, cos, sin)
 
 

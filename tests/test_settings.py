@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
@@ -14,6 +15,7 @@ from vllm_sink.config import (
     streaming_policy,
     streaming_settings,
 )
+from vllm_sink.frontend.model_support import model_refusal
 from vllm_sink.worker.cpu_worker import worker_config
 
 
@@ -134,8 +136,41 @@ def test_unsupported_models_are_refused(tmp_path):
         engine_config(sliding, additional_config={"streaming_sinks": 4, "streaming_window": 128})
     no_rope = tmp_path / "gpt2"
     GPT2Config(n_embd=128, n_layer=1, n_head=2, vocab_size=512).save_pretrained(no_rope)
-    with pytest.raises(StreamingConfigError, match="no rotary position embedding"):
+    with pytest.raises(StreamingConfigError, match="learned absolute position embeddings"):
         engine_config(no_rope, additional_config={"streaming_sinks": 4, "streaming_window": 128})
+
+
+def hf_model(config) -> SimpleNamespace:
+    """What :func:`model_refusal` reads of a vLLM ``ModelConfig``, for a transformers config."""
+    return SimpleNamespace(hf_text_config=config, use_mla=False, is_hybrid=False, uses_mrope=False)
+
+
+def test_each_position_scheme_is_refused_with_its_reason():
+    from transformers import (
+        BloomConfig,
+        FalconConfig,
+        GPT2Config,
+        GPTJConfig,
+        LlamaConfig,
+        MptConfig,
+        OPTConfig,
+        Phi3Config,
+        Qwen2Config,
+    )  # fmt: skip
+
+    longrope = {"rope_type": "longrope", "short_factor": [1.0] * 48, "long_factor": [2.0] * 48,
+                "rope_theta": 10000.0}  # fmt: skip
+    cases = {
+        "ALiBi": [BloomConfig(), MptConfig(), FalconConfig(alibi=True)],
+        "learned absolute position embeddings": [GPT2Config(), OPTConfig()],
+        "LongRoPE": [Phi3Config(rope_parameters=longrope, original_max_position_embeddings=4096)],
+        "sliding-window layers": [Qwen2Config(use_sliding_window=True, sliding_window=512)],
+    }
+    for reason, configs in cases.items():
+        for config in configs:
+            assert reason in (model_refusal(hf_model(config)) or ""), type(config).__name__
+    for streams in (LlamaConfig(), Phi3Config(), Qwen2Config(), GPTJConfig()):
+        assert model_refusal(hf_model(streams)) is None, type(streams).__name__
 
 
 def test_streaming_settings_shape_the_engine_config(tiny_llama):

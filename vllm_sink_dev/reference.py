@@ -1,4 +1,9 @@
-"""An independent StreamingLLM reference for Llama checkpoints, in plain torch.
+"""An independent StreamingLLM reference for Llama-shaped checkpoints, in plain torch.
+
+Llama-shaped: pre-norm decoder layers whose attention has ``q_proj``,
+``k_proj``, ``v_proj`` and ``o_proj`` (Llama, Mistral, Qwen2 and Qwen3 with
+their q/k norms, StableLM with its partial rotary dims), and GPT-J (parallel
+attention and MLP, rotary on interleaved pairs of the first dims).
 
 Written from the paper, not from vllm-sink: keys and values are kept before
 RoPE, and for every query the attended set (sinks + a window) is given cache
@@ -64,34 +69,68 @@ def window_starts_of_steps(
     return starts
 
 
+def _rope_frequencies(config, rotary_dim: int) -> tuple[torch.Tensor, float]:
+    """RoPE's inverse frequencies and its cos/sin scale (YaRN's mscale; 1 for most).
+
+    Plain RoPE from its formula; scaled variants (linear, dynamic NTK, YaRN,
+    Llama 3) as transformers defines them, which vLLM implements separately.
+    """
+    rope = getattr(config, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "default":
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](config, None)
+        return inv_freq.to(torch.float64), float(scale)
+    theta = float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    return 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)), 1.0
+
+
 def _rope_cos_sin(
-    positions: torch.Tensor, head_dim: int, theta: float
+    positions: torch.Tensor, inv_freq: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
-    return angles.cos().to(torch.float32), angles.sin().to(torch.float32)
+    return (angles.cos() * scale).to(torch.float32), (angles.sin() * scale).to(torch.float32)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Neox-style RoPE on ``x[tokens, heads, dim]`` with per-token cos/sin."""
-    x1, x2 = x.chunk(2, dim=-1)
+def _rotate(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, neox: bool = True
+) -> torch.Tensor:
+    """RoPE on ``x[tokens, heads, dim]`` with per-token cos/sin.
+
+    Only the first ``2 * cos.shape[-1]`` dims rotate (partial rotary); neox
+    style pairs dim ``i`` with ``i + half``, GPT-J style ``2i`` with ``2i + 1``.
+    """
+    rotary_dim = 2 * cos.shape[-1]
+    rot = x[..., :rotary_dim]
     cos, sin = cos[:, None, :], sin[:, None, :]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    if neox:
+        x1, x2 = rot.chunk(2, dim=-1)
+        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    else:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    return torch.cat((rotated, x[..., rotary_dim:]), dim=-1)
 
 
 class StreamingLlamaReference:
     """Teacher-forced log-probabilities of a Llama model under StreamingLLM."""
 
     def __init__(self, model_path: str | Path) -> None:
-        from transformers import AutoConfig, LlamaForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         config = AutoConfig.from_pretrained(model_path)
-        self.model = LlamaForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
         self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         rope = getattr(config, "rope_parameters", None) or {}
-        self.theta = float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+        partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+        self.rotary_dim = int(self.head_dim * float(partial or 1.0))
+        self.gptj = config.model_type == "gptj"
+        if self.gptj:
+            self.rotary_dim = config.rotary_dim or self.head_dim
+        self.inv_freq, self.rope_scale = _rope_frequencies(config, self.rotary_dim)
 
     @torch.no_grad()
     def logprobs(self, token_ids: list[int], sinks: int, starts: list[int]) -> torch.Tensor:
@@ -131,18 +170,30 @@ class StreamingLlamaReference:
     @torch.no_grad()
     def logits(self, token_ids: list[int], sinks: int, starts: list[int]) -> torch.Tensor:
         """``out[p]`` = the next-token logits after position ``p`` (float32)."""
+        if self.gptj:
+            model = self.model.transformer
+            hidden = model.wte(torch.tensor(token_ids))
+            for layer in model.h:
+                h = layer.ln_1(hidden)
+                out = self._attention(layer.attn, h, sinks, starts)
+                hidden = hidden + layer.attn.out_proj(out) + layer.mlp(h)
+            return self.model.lm_head(model.ln_f(hidden)).float()
         model = self.model.model
         hidden = model.embed_tokens(torch.tensor(token_ids))
         for layer in model.layers:
-            attn = layer.self_attn
-            h = layer.input_layernorm(hidden)
-            q = attn.q_proj(h).view(len(token_ids), self.num_heads, self.head_dim)
-            k = attn.k_proj(h).view(len(token_ids), self.num_kv_heads, self.head_dim)
-            v = attn.v_proj(h).view(len(token_ids), self.num_kv_heads, self.head_dim)
-            out = self._streaming_attention(q, k, v, sinks, starts)
-            hidden = hidden + attn.o_proj(out.reshape(len(token_ids), -1))
+            out = self._attention(layer.self_attn, layer.input_layernorm(hidden), sinks, starts)
+            hidden = hidden + layer.self_attn.o_proj(out)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return self.model.lm_head(model.norm(hidden)).float()
+
+    def _attention(self, attn, h: torch.Tensor, sinks: int, starts: list[int]) -> torch.Tensor:
+        """The layer's attention output before its output projection, ``[tokens, hidden]``."""
+        q = attn.q_proj(h).view(len(h), self.num_heads, self.head_dim)
+        k = attn.k_proj(h).view(len(h), self.num_kv_heads, self.head_dim)
+        v = attn.v_proj(h).view(len(h), self.num_kv_heads, self.head_dim)
+        if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        return self._streaming_attention(q, k, v, sinks, starts).reshape(len(h), -1)
 
     def _streaming_attention(self, q, k, v, sinks: int, starts: list[int]) -> torch.Tensor:
         group = self.num_heads // self.num_kv_heads
@@ -155,11 +206,11 @@ class StreamingLlamaReference:
                 end += 1
             keys = list(range(min(sinks, start))) + list(range(start, end + 1))
             positions = torch.arange(len(keys))  # positions within the cache
-            cos, sin = _rope_cos_sin(positions, self.head_dim, self.theta)
-            k_rot = _rotate(k[keys], cos, sin).repeat_interleave(group, dim=1)
+            cos, sin = _rope_cos_sin(positions, self.inv_freq, self.rope_scale)
+            k_rot = _rotate(k[keys], cos, sin, not self.gptj).repeat_interleave(group, dim=1)
             v_sel = v[keys].repeat_interleave(group, dim=1)
             query_slots = [keys.index(i) for i in range(p, end + 1)]
-            q_rot = _rotate(q[p : end + 1], cos[query_slots], sin[query_slots])
+            q_rot = _rotate(q[p : end + 1], cos[query_slots], sin[query_slots], not self.gptj)
             scores = torch.einsum("qhd,khd->hqk", q_rot, k_rot) / math.sqrt(self.head_dim)
             key_ids = torch.tensor(keys)
             mask = key_ids[None, :] > torch.arange(p, end + 1)[:, None]

@@ -9,12 +9,17 @@ import torch
 TINY_MAX_POSITIONS = 2048
 
 
-def build_tiny_llama(path: Path, seed: int = 0, max_positions: int = TINY_MAX_POSITIONS) -> Path:
+def build_tiny_llama(
+    path: Path,
+    seed: int = 0,
+    max_positions: int = TINY_MAX_POSITIONS,
+    rope_parameters: dict | None = None,
+) -> Path:
     """Write a 2-layer Llama (4 query / 2 KV heads of 64 dims) to ``path``.
 
     Weights are larger than a trained model's init so that attention is far
     from uniform: a key at the wrong position or a missing sink changes the
-    logits visibly.
+    logits visibly. ``rope_parameters``: a RoPE scaling, as transformers takes it.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -29,7 +34,7 @@ def build_tiny_llama(path: Path, seed: int = 0, max_positions: int = TINY_MAX_PO
         num_key_value_heads=2,
         head_dim=64,
         max_position_embeddings=max_positions,
-        rope_theta=10000.0,
+        rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 10000.0},
         initializer_range=0.08,
         tie_word_embeddings=False,
         bos_token_id=1,

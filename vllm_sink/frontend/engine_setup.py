@@ -28,6 +28,7 @@ from vllm.logger import init_logger
 
 from vllm_sink.config import UNLIMITED_STREAM_LEN, StreamingConfigError, streaming_policy
 from vllm_sink.frontend.limits import default_max_tokens, trained_positions
+from vllm_sink.frontend.model_support import model_refusal
 from vllm_sink.metrics import serve_streaming_metrics
 
 if TYPE_CHECKING:
@@ -174,23 +175,13 @@ def fitting_chunk_size(config: VllmConfig) -> int | None:
 
 def check_engine_config(config: VllmConfig) -> None:
     model = config.model_config
-    text_config = model.hf_text_config
-    problems = {
-        "MLA attention": model.use_mla,
-        "hybrid (attention + state-space) layers": model.is_hybrid,
-        "multimodal M-RoPE": model.uses_mrope,
-        "sliding-window layers": bool(getattr(text_config, "sliding_window", None)),
-        "no rotary position embedding": not (
-            getattr(text_config, "rope_parameters", None)
-            or getattr(text_config, "rope_theta", None)
-        ),
-    }
-    for problem, present in problems.items():
-        if present:
-            raise StreamingConfigError(
-                f"vllm-sink cannot stream {model.model}: the model has {problem}. "
-                "Supported: decoder-only RoPE models with full attention (Llama-like)."
-            )
+    problem = model_refusal(model)
+    if problem is not None:
+        raise StreamingConfigError(
+            f"vllm-sink cannot stream {model.model}: the model has {problem}. "
+            "Supported: decoder-only RoPE models with full attention (see the README's "
+            "model table)."
+        )
     backend = config.attention_config.backend
     if backend is not None and str(getattr(backend, "name", backend)) != "CPU_ATTN":
         raise StreamingConfigError(

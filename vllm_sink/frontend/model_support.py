@@ -1,0 +1,80 @@
+"""Which models can stream, decided from the model's config before any engine process starts.
+
+StreamingLLM gives every cached token a position *within the cache*, and moves
+a stream's keys when its window moves. With RoPE a cached key moves by a
+rotation (:mod:`vllm_sink.core.rerotation`). Other position schemes cannot be
+streamed this way, or not yet; each refusal says why.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ALIBI_MODEL_TYPES = frozenset({"bloom", "mpt"})
+LEARNED_POSITION_MODEL_TYPES = frozenset(
+    {"gpt2", "gpt_bigcode", "gpt_neo", "opt", "biogpt", "xglm"}
+)
+
+ALIBI = (
+    "ALiBi attention biases, which vllm-sink does not stream yet (each bias would have to "
+    "come from the distance within the cache, not within the text)"
+)
+LEARNED_POSITIONS = (
+    "learned absolute position embeddings, added to its inputs: every cached key carries its "
+    "position in the text, and no rotation can move it within the cache"
+)
+LONGROPE = (
+    "LongRoPE scaling: vLLM picks the long-context factors for the whole engine whenever the "
+    "length limit passes the original context, as a stream's always does, while positions "
+    "within a streaming cache stay in the short range the short factors were trained for"
+)
+
+
+def _rope_types(text_config: Any) -> set[str]:
+    params = getattr(text_config, "rope_parameters", None) or {}
+    # Hybrid models keep one entry per layer kind.
+    entries = params.values() if all(isinstance(v, dict) for v in params.values()) else [params]
+    types = {str(e.get("rope_type") or e.get("type") or "default") for e in entries if e}
+    scaling = getattr(text_config, "rope_scaling", None) or {}
+    if isinstance(scaling, dict) and (scaling.get("rope_type") or scaling.get("type")):
+        types.add(str(scaling.get("rope_type") or scaling.get("type")))
+    return types
+
+
+def uses_alibi(text_config: Any) -> bool:
+    attn_config = getattr(text_config, "attn_config", None)
+    mpt_alibi = (
+        attn_config.get("alibi") if isinstance(attn_config, dict)
+        else getattr(attn_config, "alibi", False)
+    )  # fmt: skip
+    return (
+        text_config.model_type in ALIBI_MODEL_TYPES
+        or bool(getattr(text_config, "alibi", False))
+        or bool(mpt_alibi)
+    )
+
+
+def uses_rope(text_config: Any) -> bool:
+    return bool(
+        getattr(text_config, "rope_parameters", None)
+        or getattr(text_config, "rope_theta", None)
+        or getattr(text_config, "rotary_dim", None)  # GPT-J, CodeGen
+    )
+
+
+def model_refusal(model_config: Any) -> str | None:
+    """What keeps the model (a vLLM ``ModelConfig``) from streaming; ``None`` if nothing."""
+    text_config = model_config.hf_text_config
+    problems = {
+        ALIBI: uses_alibi(text_config),
+        LEARNED_POSITIONS: text_config.model_type in LEARNED_POSITION_MODEL_TYPES,
+        "no rotary position embedding": not uses_rope(text_config),
+        LONGROPE: "longrope" in _rope_types(text_config),
+        "MLA attention": model_config.use_mla,
+        "hybrid (attention + state-space) layers": model_config.is_hybrid,
+        "multimodal M-RoPE": model_config.uses_mrope,
+        "dual-chunk attention": bool(getattr(text_config, "dual_chunk_attention_config", None)),
+        "sliding-window layers (hybrid sliding/full-attention models such as Gemma 3 are not "
+        "supported yet)": bool(getattr(text_config, "sliding_window", None)),
+    }
+    return next((problem for problem, present in problems.items() if present), None)
