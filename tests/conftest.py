@@ -15,7 +15,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 import pytest  # noqa: E402
 
 from vllm_sink_dev.engines import shutdown  # noqa: E402
-from vllm_sink_dev.paths import SMOLLM2, TEXT  # noqa: E402
+from vllm_sink_dev.paths import GEMMA3, SMOLLM2, TEXT  # noqa: E402
 from vllm_sink_dev.tiny_llama import build_tiny_llama  # noqa: E402
 
 
@@ -29,6 +29,13 @@ def smollm2() -> Path:
     if not (SMOLLM2 / "config.json").exists():
         pytest.fail(f"{SMOLLM2} is missing: run ./setup.sh first")
     return SMOLLM2
+
+
+@pytest.fixture(scope="session")
+def gemma3() -> Path:
+    if not (GEMMA3 / "config.json").exists():
+        pytest.fail(f"{GEMMA3} is missing: run ./setup.sh first")
+    return GEMMA3
 
 
 @pytest.fixture(scope="session")

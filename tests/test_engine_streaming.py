@@ -52,6 +52,29 @@ def reference_logprobs(ref, tokens, sinks, window, block, prompt_len, chunk) -> 
     return table[torch.arange(len(tokens) - 1), torch.tensor(tokens[1:])]
 
 
+def rebase_period(llm) -> int:
+    """Evictions between two re-rotations of a stream's window in ``llm``'s worker."""
+    worker = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker
+    return worker.model_runner._rebase_period_blocks
+
+
+def assert_streams_like_the_reference(
+    llm, model, prompt, max_tokens, sinks, window, block, chunk
+) -> torch.Tensor:
+    """Stream ``prompt`` and ``max_tokens`` more through evictions: every logprob is the
+    reference's, and plain window attention is far off. The per-token errors."""
+    generated, logprobs = run(llm, prompt, max_tokens)
+    ref = StreamingLlamaReference(model)
+    tokens = prompt + generated
+    expected = reference_logprobs(ref, tokens, sinks, window, block, len(prompt), chunk)
+    assert kv_manager(llm).num_evicted_blocks >= (len(tokens) - sinks - window) // block - 1
+    errors = (logprobs - expected).abs()
+    assert errors.max() < FP32_TOLERANCE
+    window_only = reference_logprobs(ref, tokens, 0, window + sinks, block, len(prompt), chunk)
+    assert (logprobs - window_only).abs().max() > 50 * FP32_TOLERANCE
+    return errors
+
+
 def test_before_first_eviction_streaming_changes_nothing(tiny_llama, engine_factory):
     common = dict(
         dtype="float32", block_size=32, max_num_batched_tokens=64, skip_tokenizer_init=True
@@ -91,18 +114,9 @@ def test_tiny_llama_matches_reference_through_evictions(
         engine_factory, model, sinks, window, block, chunk, enforce_eager=eager
     )
     if rope_positions is not None:
-        worker = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker
-        assert worker.model_runner._rebase_period_blocks == 2
+        assert rebase_period(llm) == 2
     prompt = random_prompt(prompt_len, seed=2)
-    generated, logprobs = run(llm, prompt, max_tokens)
-    ref = StreamingLlamaReference(model)
-    tokens = prompt + generated
-    expected = reference_logprobs(ref, tokens, sinks, window, block, prompt_len, chunk)
-    assert kv_manager(llm).num_evicted_blocks >= (len(tokens) - sinks - window) // block - 1
-    assert (logprobs - expected).abs().max() < FP32_TOLERANCE
-    # The comparison can tell a wrong stream: plain window attention is far off.
-    window_only = reference_logprobs(ref, tokens, 0, window + sinks, block, prompt_len, chunk)
-    assert (logprobs - window_only).abs().max() > 50 * FP32_TOLERANCE
+    assert_streams_like_the_reference(llm, model, prompt, max_tokens, sinks, window, block, chunk)
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ def make_manager(
     base = FullAttentionSpec(
         block_size=policy.block_size, num_kv_heads=2, head_size=64, dtype=torch.float32
     )
-    spec = StreamingSinkSpec.from_full_attention(base, policy)
+    spec = StreamingSinkSpec.from_attention(base, policy)
     pool = BlockPool(num_blocks, enable_caching=False, hash_block_size=policy.block_size)
     manager = StreamingSinkManager(
         spec,

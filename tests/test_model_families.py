@@ -4,8 +4,10 @@ SmolLM2's weights re-hosted as Mistral, Qwen2 and Phi-3 checkpoints
 (:mod:`vllm_sink_dev.families`) run each family's own vLLM model code (Qwen2's
 q/k/v biases, Phi-3's fused projections) and must give, token by token, the
 logprobs of the Llama reference on the original weights. Tiny random Qwen3
-(q/k norms) and StableLM (partial rotary) checkpoints run with a RoPE table so
-short that the window is re-rotated every two evictions.
+(q/k norms), StableLM (partial rotary), GPT-J (interleaved rotary), Gemma 3
+(sliding-window layers as wide as the streaming window, then a global layer,
+each kind with its RoPE base) and RoPE-scaled Llama checkpoints run with a
+RoPE table so short that the window is re-rotated every few evictions.
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ import functools
 import pytest
 import torch
 from engine_helpers import kv_manager, random_prompt, streaming, tiny_streaming_engine
-from test_engine_streaming import FP32_TOLERANCE, reference_logprobs, run
+from test_engine_streaming import (
+    FP32_TOLERANCE,
+    assert_streams_like_the_reference,
+    rebase_period,
+    reference_logprobs,
+    run,
+)
 
 from vllm_sink_dev.families import FAMILIES, build_tiny, rehost
 from vllm_sink_dev.reference import StreamingLlamaReference
@@ -58,7 +66,7 @@ def test_family_matches_the_llama_reference_through_evictions(
     assert errors.max() < FP32_TOLERANCE
 
 
-@pytest.mark.parametrize("family", ["qwen3", "stablelm", "gptj"])
+@pytest.mark.parametrize("family", ["qwen3", "stablelm", "gptj", "gemma3"])
 def test_tiny_family_matches_the_reference_through_window_re_rotations(
     family, engine_factory, tmp_path
 ):
@@ -67,20 +75,12 @@ def test_tiny_family_matches_the_reference_through_window_re_rotations(
     llm = tiny_streaming_engine(engine_factory, model, sinks, window, block, chunk)
     architecture = llm.llm_engine.model_config.architectures[0]
     assert architecture.lower().startswith(family)
-    worker = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker
-    assert worker.model_runner._rebase_period_blocks == 2
+    assert rebase_period(llm) == 2
     prompt = random_prompt(prompt_len, seed=3)
-    generated, logprobs = run(llm, prompt, max_tokens)
-    ref = StreamingLlamaReference(model)
-    tokens = prompt + generated
-    expected = reference_logprobs(ref, tokens, sinks, window, block, prompt_len, chunk)
-    assert kv_manager(llm).num_evicted_blocks >= (len(tokens) - sinks - window) // block - 1
-    errors = (logprobs - expected).abs()
+    errors = assert_streams_like_the_reference(
+        llm, model, prompt, max_tokens, sinks, window, block, chunk
+    )
     print(f"{family}: max |logprob - reference| {errors.max():.2e} over {len(errors)} tokens")
-    assert errors.max() < FP32_TOLERANCE
-    # The comparison can tell a wrong stream: plain window attention is far off.
-    window_only = reference_logprobs(ref, tokens, 0, window + sinks, block, prompt_len, chunk)
-    assert (logprobs - window_only).abs().max() > 50 * FP32_TOLERANCE
 
 
 ROPE_SCALINGS = {
@@ -106,24 +106,21 @@ def test_rope_scaling_matches_the_reference_through_window_re_rotations(
     sinks, window, block, chunk, prompt_len, max_tokens = 4, 64, 32, 96, 600, 200
     rope = {"rope_type": scaling, "rope_theta": 10000.0, **ROPE_SCALINGS[scaling]}
     model = build_tiny_llama(tmp_path / scaling, max_positions=256, rope_parameters=rope)
-    llm = tiny_streaming_engine(engine_factory, model, sinks, window, block, chunk)
-    worker = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker
-    prompt = random_prompt(prompt_len, seed=4)
-    generated, logprobs = run(llm, prompt, max_tokens)
-    # Linear scaling's table is factor times longer: its offset wraps less often.
-    assert kv_manager(llm).num_evicted_blocks >= 2 * worker.model_runner._rebase_period_blocks
     ref = StreamingLlamaReference(model)
     plain = 1.0 / (10000.0 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64))
     scaled = ref.rope_scale != 1.0 or not torch.allclose(ref.inv_freq, plain)
     assert scaled == (scaling != "dynamic")  # dynamic NTK is plain RoPE within the context
-    tokens = prompt + generated
-    expected = reference_logprobs(ref, tokens, sinks, window, block, prompt_len, chunk)
-    errors = (logprobs - expected).abs()
+    llm = tiny_streaming_engine(engine_factory, model, sinks, window, block, chunk)
+    prompt = random_prompt(prompt_len, seed=4)
+    errors = assert_streams_like_the_reference(
+        llm, model, prompt, max_tokens, sinks, window, block, chunk
+    )
+    # Linear scaling's table is factor times longer: its offset wraps less often.
+    assert kv_manager(llm).num_evicted_blocks >= 2 * rebase_period(llm)
     print(f"{scaling}: max |logprob - reference| {errors.max():.2e} over {len(errors)} tokens")
-    assert errors.max() < FP32_TOLERANCE
 
 
-@pytest.mark.parametrize("family", ["qwen3", "stablelm", "gptj", "yarn", "llama3"])
+@pytest.mark.parametrize("family", ["qwen3", "stablelm", "gptj", "gemma3", "yarn", "llama3"])
 def test_the_reference_is_the_plain_model_while_nothing_is_evicted(family, tmp_path):
     """The oracle itself: with the whole text in its window, its logits are transformers'."""
     if family in ROPE_SCALINGS:
@@ -136,3 +133,27 @@ def test_the_reference_is_the_plain_model_while_nothing_is_evicted(family, tmp_p
     with torch.no_grad():
         plain = ref.model(torch.tensor([tokens])).logits[0].float()
     assert (ref.logits(tokens, 4, [4] * len(tokens)) - plain).abs().max() < 1e-4
+
+
+def test_gemma3_matches_the_reference_through_evictions(gemma3, engine_factory):
+    """Gemma 3 270M: sliding-window layers of 512 tokens beside global ones, each kind
+    with its RoPE base; the streaming window holds a whole sliding window."""
+    from transformers import AutoTokenizer
+
+    from vllm_sink_dev.paths import TEXT
+
+    sinks, window, block, chunk, prompt_len, max_tokens = 4, 512, 32, 128, 1100, 100
+    tokenizer = AutoTokenizer.from_pretrained(gemma3)
+    prompt = tokenizer(TEXT.read_text()[:20_000])["input_ids"][:prompt_len]
+    assert prompt[0] == tokenizer.bos_token_id
+    llm = engine_factory(
+        gemma3,
+        dtype="float32",
+        block_size=block,
+        max_num_batched_tokens=chunk,
+        **streaming(sinks, window),
+    )
+    errors = assert_streams_like_the_reference(
+        llm, gemma3, prompt, max_tokens, sinks, window, block, chunk
+    )
+    print(f"gemma3 270M: max |logprob - reference| {errors.max():.2e} over {len(errors)} tokens")

@@ -15,7 +15,7 @@ from vllm_sink.config import (
     streaming_policy,
     streaming_settings,
 )
-from vllm_sink.frontend.model_support import model_refusal
+from vllm_sink.frontend.model_support import model_refusal, window_refusal
 from vllm_sink.worker.cpu_worker import worker_config
 
 
@@ -129,10 +129,10 @@ def test_unsupported_models_are_refused(tmp_path):
         num_hidden_layers=1,
         num_attention_heads=4,
         num_key_value_heads=2,
-        sliding_window=64,
+        sliding_window=256,
         vocab_size=512,
     ).save_pretrained(sliding)
-    with pytest.raises(StreamingConfigError, match="sliding-window layers"):
+    with pytest.raises(StreamingConfigError, match="--streaming-window to at least 256"):
         engine_config(sliding, additional_config={"streaming_sinks": 4, "streaming_window": 128})
     no_rope = tmp_path / "gpt2"
     GPT2Config(n_embd=128, n_layer=1, n_head=2, vocab_size=512).save_pretrained(no_rope)
@@ -164,13 +164,22 @@ def test_each_position_scheme_is_refused_with_its_reason():
         "ALiBi": [BloomConfig(), MptConfig(), FalconConfig(alibi=True)],
         "learned absolute position embeddings": [GPT2Config(), OPTConfig()],
         "LongRoPE": [Phi3Config(rope_parameters=longrope, original_max_position_embeddings=4096)],
-        "sliding-window layers": [Qwen2Config(use_sliding_window=True, sliding_window=512)],
     }
     for reason, configs in cases.items():
         for config in configs:
             assert reason in (model_refusal(hf_model(config)) or ""), type(config).__name__
     for streams in (LlamaConfig(), Phi3Config(), Qwen2Config(), GPTJConfig()):
         assert model_refusal(hf_model(streams)) is None, type(streams).__name__
+
+
+def test_sliding_window_layers_need_a_streaming_window_that_holds_their_window():
+    from transformers import Gemma3TextConfig, Qwen2Config
+
+    gemma = hf_model(Gemma3TextConfig(sliding_window=512))
+    assert model_refusal(gemma) is None
+    assert "--streaming-window to at least 512" in window_refusal(gemma, 508)
+    assert window_refusal(gemma, 512) is None
+    assert window_refusal(hf_model(Qwen2Config(use_sliding_window=False)), 64) is None
 
 
 def test_streaming_settings_shape_the_engine_config(tiny_llama):

@@ -7,7 +7,8 @@
   vLLM model code, so the reference on the Llama weights checks every one.
 * :func:`build_tiny`: small random-weight checkpoints of families no real
   checkpoint here covers (Qwen3's q/k norms, StableLM's partial rotary dims,
-  GPT-J's rotary on interleaved pairs).
+  GPT-J's rotary on interleaved pairs, Gemma 3's sliding-window and global
+  layers with a RoPE base each).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from vllm_sink_dev.tiny_llama import TINY_SHAPE
 
 Weights = dict[str, torch.Tensor]
 
@@ -104,24 +107,14 @@ def rehost(llama: Path, family: str, path: Path) -> Path:
     return path
 
 
-TINY_SHAPE = dict(
-    vocab_size=512,
-    hidden_size=256,
-    intermediate_size=512,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    initializer_range=0.08,
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
-)
-"""The tiny Llama's shape (:mod:`vllm_sink_dev.tiny_llama`): 64-dim heads, 2 KV heads."""
+GEMMA3_TINY_SLIDING_WINDOW = 64
 
 
 def build_tiny(family: str, path: Path, max_positions: int = 2048, seed: int = 0) -> Path:
-    """A 2-layer random-weight checkpoint of ``family`` (qwen3, stablelm, gptj) at ``path``."""
+    """A small random-weight ``family`` checkpoint (qwen3, stablelm, gptj, gemma3) at ``path``."""
     from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
         GPTJConfig,
         GPTJForCausalLM,
         Qwen3Config,
@@ -161,6 +154,21 @@ def build_tiny(family: str, path: Path, max_positions: int = 2048, seed: int = 0
             eos_token_id=2,
         )
         model_class = GPTJForCausalLM
+    elif family == "gemma3":  # two sliding-window layers (64 tokens), then a global one
+        config = Gemma3TextConfig(
+            **{**TINY_SHAPE, "num_hidden_layers": 3, "tie_word_embeddings": True},
+            head_dim=64,
+            query_pre_attn_scalar=64,
+            sliding_window=GEMMA3_TINY_SLIDING_WINDOW,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            max_position_embeddings=max_positions,
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            },
+            pad_token_id=0,
+        )
+        model_class = Gemma3ForCausalLM
     else:
         raise ValueError(f"no tiny {family} checkpoint")
     torch.manual_seed(seed)

@@ -6,5 +6,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SMOLLM2 = REPO / "models" / "SmolLM2-135M-Instruct"
+GEMMA3 = REPO / "models" / "gemma-3-270m"
 TEXT = REPO / "data" / "debian-handbook.txt"
 RESULTS = REPO / "benchmarks" / "results"

@@ -2,8 +2,11 @@
 
 Llama-shaped: pre-norm decoder layers whose attention has ``q_proj``,
 ``k_proj``, ``v_proj`` and ``o_proj`` (Llama, Mistral, Qwen2 and Qwen3 with
-their q/k norms, StableLM with its partial rotary dims), and GPT-J (parallel
-attention and MLP, rotary on interleaved pairs of the first dims).
+their q/k norms, StableLM with its partial rotary dims, Gemma 3 with its
+sliding-window layers and a RoPE base per layer kind), and GPT-J (parallel
+attention and MLP, rotary on interleaved pairs of the first dims). A
+sliding-window layer attends, of what the stream holds, only the keys within
+its window in the text (never the sinks once they are that far).
 
 Written from the paper, not from vllm-sink: keys and values are kept before
 RoPE, and for every query the attended set (sinks + a window) is given cache
@@ -69,18 +72,23 @@ def window_starts_of_steps(
     return starts
 
 
-def _rope_frequencies(config, rotary_dim: int) -> tuple[torch.Tensor, float]:
+def _rope_frequencies(
+    config, rotary_dim: int, layer_type: str | None = None
+) -> tuple[torch.Tensor, float]:
     """RoPE's inverse frequencies and its cos/sin scale (YaRN's mscale; 1 for most).
 
     Plain RoPE from its formula; scaled variants (linear, dynamic NTK, YaRN,
     Llama 3) as transformers defines them, which vLLM implements separately.
+    ``layer_type``: the layer kind of a model with RoPE parameters per kind (Gemma 3).
     """
     rope = getattr(config, "rope_parameters", None) or {}
+    if layer_type is not None:
+        rope = rope[layer_type]
     rope_type = rope.get("rope_type", "default")
     if rope_type != "default":
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-        inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](config, None)
+        inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](config, None, layer_type=layer_type)
         return inv_freq.to(torch.float64), float(scale)
     theta = float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
     return 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)), 1.0
@@ -131,6 +139,14 @@ class StreamingLlamaReference:
         if self.gptj:
             self.rotary_dim = config.rotary_dim or self.head_dim
         self.inv_freq, self.rope_scale = _rope_frequencies(config, self.rotary_dim)
+        layer_types = getattr(config, "layer_types", None)
+        kinds = set(layer_types or ())
+        self.layer_ropes = [
+            _rope_frequencies(config, self.rotary_dim, t if len(kinds) > 1 else None)
+            for t in (layer_types or [None] * config.num_hidden_layers)
+        ]
+        """Each layer's RoPE frequencies and scale (they differ only in hybrid models)."""
+        self.final_softcap = getattr(config, "final_logit_softcapping", None)
 
     @torch.no_grad()
     def logprobs(self, token_ids: list[int], sinks: int, starts: list[int]) -> torch.Tensor:
@@ -180,22 +196,50 @@ class StreamingLlamaReference:
             return self.model.lm_head(model.ln_f(hidden)).float()
         model = self.model.model
         hidden = model.embed_tokens(torch.tensor(token_ids))
-        for layer in model.layers:
-            out = self._attention(layer.self_attn, layer.input_layernorm(hidden), sinks, starts)
-            hidden = hidden + layer.self_attn.o_proj(out)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return self.model.lm_head(model.norm(hidden)).float()
+        for i, layer in enumerate(model.layers):
+            attn = layer.self_attn
+            out = self._attention(attn, layer.input_layernorm(hidden), sinks, starts, i)
+            if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma 3: sandwich norms
+                hidden = hidden + layer.post_attention_layernorm(attn.o_proj(out))
+                mlp = layer.mlp(layer.pre_feedforward_layernorm(hidden))
+                hidden = hidden + layer.post_feedforward_layernorm(mlp)
+            else:
+                hidden = hidden + attn.o_proj(out)
+                hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        logits = self.model.lm_head(model.norm(hidden)).float()
+        if self.final_softcap:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
 
-    def _attention(self, attn, h: torch.Tensor, sinks: int, starts: list[int]) -> torch.Tensor:
+    def _attention(
+        self, attn, h: torch.Tensor, sinks: int, starts: list[int], layer: int = 0
+    ) -> torch.Tensor:
         """The layer's attention output before its output projection, ``[tokens, hidden]``."""
         q = attn.q_proj(h).view(len(h), self.num_heads, self.head_dim)
         k = attn.k_proj(h).view(len(h), self.num_kv_heads, self.head_dim)
         v = attn.v_proj(h).view(len(h), self.num_kv_heads, self.head_dim)
-        if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
+        if hasattr(attn, "q_norm"):  # Qwen3, Gemma 3: per-head RMSNorm before RoPE
             q, k = attn.q_norm(q), attn.k_norm(k)
-        return self._streaming_attention(q, k, v, sinks, starts).reshape(len(h), -1)
+        scale = getattr(attn, "scaling", None) or self.head_dim**-0.5
+        window = getattr(attn, "sliding_window", None)
+        out = self._streaming_attention(
+            q, k, v, sinks, starts, self.layer_ropes[layer], scale, window
+        )
+        return out.reshape(len(h), -1)
 
-    def _streaming_attention(self, q, k, v, sinks: int, starts: list[int]) -> torch.Tensor:
+    def _streaming_attention(
+        self,
+        q,
+        k,
+        v,
+        sinks: int,
+        starts: list[int],
+        rope: tuple[torch.Tensor, float] | None = None,
+        scale: float | None = None,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
+        inv_freq, rope_scale = rope or (self.inv_freq, self.rope_scale)
+        scale = scale or 1 / math.sqrt(self.head_dim)
         group = self.num_heads // self.num_kv_heads
         out = torch.empty_like(q)
         p = 0
@@ -206,14 +250,16 @@ class StreamingLlamaReference:
                 end += 1
             keys = list(range(min(sinks, start))) + list(range(start, end + 1))
             positions = torch.arange(len(keys))  # positions within the cache
-            cos, sin = _rope_cos_sin(positions, self.inv_freq, self.rope_scale)
+            cos, sin = _rope_cos_sin(positions, inv_freq, rope_scale)
             k_rot = _rotate(k[keys], cos, sin, not self.gptj).repeat_interleave(group, dim=1)
             v_sel = v[keys].repeat_interleave(group, dim=1)
             query_slots = [keys.index(i) for i in range(p, end + 1)]
             q_rot = _rotate(q[p : end + 1], cos[query_slots], sin[query_slots], not self.gptj)
-            scores = torch.einsum("qhd,khd->hqk", q_rot, k_rot) / math.sqrt(self.head_dim)
-            key_ids = torch.tensor(keys)
-            mask = key_ids[None, :] > torch.arange(p, end + 1)[:, None]
+            scores = torch.einsum("qhd,khd->hqk", q_rot, k_rot) * scale
+            key_ids, query_ids = torch.tensor(keys), torch.arange(p, end + 1)
+            mask = key_ids[None, :] > query_ids[:, None]
+            if sliding_window is not None:  # in the text, not in the cache
+                mask |= query_ids[:, None] - key_ids[None, :] >= sliding_window
             scores = scores.masked_fill(mask[None], float("-inf"))
             out[p : end + 1] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v_sel)
             p = end + 1

@@ -8,6 +8,20 @@ import torch
 
 TINY_MAX_POSITIONS = 2048
 
+TINY_SHAPE = dict(
+    vocab_size=512,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    initializer_range=0.08,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+"""Shared by the tiny checkpoints of every family: 4 query heads of 64 dims, 2 KV heads."""
+
 
 def build_tiny_llama(
     path: Path,
@@ -26,19 +40,10 @@ def build_tiny_llama(
     if (path / "config.json").exists():
         return path
     config = LlamaConfig(
-        vocab_size=512,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_SHAPE,
         head_dim=64,
         max_position_embeddings=max_positions,
         rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 10000.0},
-        initializer_range=0.08,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.float32)

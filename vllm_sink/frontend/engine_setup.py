@@ -28,7 +28,7 @@ from vllm.logger import init_logger
 
 from vllm_sink.config import UNLIMITED_STREAM_LEN, StreamingConfigError, streaming_policy
 from vllm_sink.frontend.limits import default_max_tokens, trained_positions
-from vllm_sink.frontend.model_support import model_refusal
+from vllm_sink.frontend.model_support import model_refusal, window_refusal
 from vllm_sink.metrics import serve_streaming_metrics
 
 if TYPE_CHECKING:
@@ -179,9 +179,12 @@ def check_engine_config(config: VllmConfig) -> None:
     if problem is not None:
         raise StreamingConfigError(
             f"vllm-sink cannot stream {model.model}: the model has {problem}. "
-            "Supported: decoder-only RoPE models with full attention (see the README's "
-            "model table)."
+            "Supported: decoder-only RoPE models with full or sliding-window attention (see "
+            "the README's model table)."
         )
+    problem = window_refusal(model, streaming_policy(config).window)
+    if problem is not None:
+        raise StreamingConfigError(f"vllm-sink: {problem}")
     backend = config.attention_config.backend
     if backend is not None and str(getattr(backend, "name", backend)) != "CPU_ATTN":
         raise StreamingConfigError(

@@ -74,7 +74,29 @@ def model_refusal(model_config: Any) -> str | None:
         "hybrid (attention + state-space) layers": model_config.is_hybrid,
         "multimodal M-RoPE": model_config.uses_mrope,
         "dual-chunk attention": bool(getattr(text_config, "dual_chunk_attention_config", None)),
-        "sliding-window layers (hybrid sliding/full-attention models such as Gemma 3 are not "
-        "supported yet)": bool(getattr(text_config, "sliding_window", None)),
     }
     return next((problem for problem, present in problems.items() if present), None)
+
+
+def sliding_window(text_config: Any) -> int | None:
+    """The window of the model's sliding-window layers; ``None`` if it has none."""
+    if getattr(text_config, "use_sliding_window", True) is False:  # Qwen2 & co.
+        return None
+    window = getattr(text_config, "sliding_window", None)
+    return int(window) if window else None
+
+
+def window_refusal(model_config: Any, streaming_window: int) -> str | None:
+    """Why the streaming window cannot serve the model's sliding-window layers, if it cannot.
+
+    A sliding-window layer attends, within the stream, the last tokens of its
+    window; the streaming window must hold all of them, which also keeps the
+    sinks out of reach of those layers, as they were in training.
+    """
+    window = sliding_window(model_config.hf_text_config)
+    if window is None or window <= streaming_window:
+        return None
+    return (
+        f"the model's sliding-window layers attend the last {window} tokens; set "
+        f"--streaming-window to at least {window} so that each keeps its whole window"
+    )

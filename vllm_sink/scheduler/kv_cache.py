@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
-from vllm.v1.kv_cache_interface import FullAttentionSpec
+from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
 
 from vllm_sink.core.policy import SinkWindowPolicy, _cdiv
 from vllm_sink.scheduler.snapshots import Snapshot, SnapshotStore
@@ -51,10 +51,13 @@ class StreamingSinkSpec(FullAttentionSpec):
         return self.policy.max_resident_blocks * self.page_size_bytes
 
     @classmethod
-    def from_full_attention(
-        cls, spec: FullAttentionSpec, policy: SinkWindowPolicy
-    ) -> StreamingSinkSpec:
-        fields = {f: getattr(spec, f) for f in spec.__dataclass_fields__}
+    def from_attention(cls, spec: AttentionSpec, policy: SinkWindowPolicy) -> StreamingSinkSpec:
+        """The streaming spec of a full-attention or sliding-window layer.
+
+        What the page holds is kept; a layer's own sliding window is not
+        (the layer applies it), so that all layers share one spec.
+        """
+        fields = {f: getattr(spec, f) for f in AttentionSpec.__dataclass_fields__}
         return cls(
             **fields,
             sink_tokens=policy.sinks,

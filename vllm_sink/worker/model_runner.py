@@ -40,7 +40,7 @@ import torch
 from vllm.config import get_layers_from_vllm_config
 from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import Attention
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec, SlidingWindowSpec
 
 from vllm_sink.config import StreamingConfigError, streaming_policy, streaming_settings
 from vllm_sink.core.policy import SinkWindowPolicy
@@ -96,25 +96,33 @@ class StreamingModelRunnerMixin:
         return streaming_policy(self.vllm_config)
 
     def get_kv_cache_spec(self) -> dict[str, KVCacheSpec]:
+        """Every layer streams: one KV cache group, one policy.
+
+        A sliding-window layer (Gemma 3's local layers) is kept like a global
+        one, as vLLM keeps it with its hybrid KV cache manager off, and
+        attends only its own window: its attention masks by distance within
+        the stream's view, where the window's tokens are contiguous. The
+        streaming window must hold that whole window (checked at start-up), so
+        the sinks stay out of it.
+        """
         specs = super().get_kv_cache_spec()
         policy = self.sink_policy
         converted: dict[str, KVCacheSpec] = {}
         for name, spec in specs.items():
-            if (
-                type(spec) is not FullAttentionSpec
-                or spec.sliding_window
-                or spec.attention_chunk_size
-            ):
+            sliding = isinstance(spec, SlidingWindowSpec) or getattr(spec, "sliding_window", None)
+            supported = (
+                type(spec) in (FullAttentionSpec, SlidingWindowSpec)
+                and not getattr(spec, "attention_chunk_size", None)
+                and (not sliding or spec.sliding_window <= policy.window)
+            )
+            if not supported:
                 raise StreamingConfigError(
-                    f"vllm-sink supports models whose every layer is plain full "
-                    f"attention; layer {name} has {type(spec).__name__}"
-                    + (
-                        f" with sliding_window={spec.sliding_window}"
-                        if getattr(spec, "sliding_window", None)
-                        else ""
-                    )
+                    f"vllm-sink streams full-attention layers and sliding-window layers whose "
+                    f"window fits the streaming window ({policy.window}); layer {name} has "
+                    f"{type(spec).__name__}"
+                    + (f" with sliding_window={spec.sliding_window}" if sliding else "")
                 )
-            converted[name] = StreamingSinkSpec.from_full_attention(spec, policy)
+            converted[name] = StreamingSinkSpec.from_attention(spec, policy)
         return converted
 
     def load_model(self, *args, **kwargs) -> None:

@@ -1,0 +1,55 @@
+"""Writing a model checkpoint directory so that a half-built one never looks complete.
+
+Shared by the ``build_*.py`` scripts: a checkpoint is built in a temporary
+sibling directory and renamed into place with a ``.complete`` marker; a later
+run reuses a complete one and refuses to touch a partial one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+MARKER = ".complete"
+
+
+def is_complete(out: Path) -> bool:
+    return all((out / f).is_file() for f in ("config.json", "model.safetensors", MARKER))
+
+
+def output_dir(argv: list[str], default: Path) -> Path | None:
+    """The checkpoint directory the command line names; ``None`` if it is already complete."""
+    out = Path(argv[1]) if len(argv) > 1 else default
+    out = out if out.is_absolute() else (Path.cwd() / out)
+    if is_complete(out):
+        print(f"reusing existing checkpoint at {out}")
+        return None
+    if out.exists():
+        sys.exit(
+            f"error: {out} exists but is not a complete checkpoint (no {MARKER}); remove it first"
+        )
+    return out
+
+
+def publish(out: Path, build: Callable[[Path], str], start: float) -> None:
+    """Run ``build(tmp)`` (which returns the marker's text), then move ``tmp`` to ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        (tmp / MARKER).write_text(build(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700
+        for f in tmp.iterdir():
+            f.chmod(0o666 & ~umask)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    files = ", ".join(sorted(p.name for p in out.iterdir() if not p.name.startswith(".")))
+    print(f"wrote {out} ({files}) in {time.perf_counter() - start:.1f}s")
