@@ -33,11 +33,11 @@ DECODE_CHUNK = 1024
 """``--max-num-batched-tokens`` of the decode-timing engines."""
 
 
-def handbook_tokens() -> list[int]:
-    """The whole Debian handbook text (set-up's ``data/``), in SmolLM2's tokens."""
+def handbook_tokens(model: Path = MODEL) -> list[int]:
+    """The whole Debian handbook text (set-up's ``data/``), in ``model``'s tokens (SmolLM2's)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(MODEL)(TEXT.read_text())["input_ids"]
+    return AutoTokenizer.from_pretrained(model)(TEXT.read_text())["input_ids"]
 
 
 def thread_setting() -> str:

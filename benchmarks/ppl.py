@@ -1,10 +1,11 @@
 """Perplexity over a long real text: dense, window, StreamingLLM and re-computation.
 
-Teacher-forced through vLLM's prompt log-probabilities on SmolLM2-135M-Instruct
-(fp32) over the Debian handbook, far past the model's 8192-token context (the
-paper's Figure 3 and Tables 1-2):
+Teacher-forced through vLLM's prompt log-probabilities (fp32) over the Debian
+handbook, far past the model's context (the paper's Figure 3 and Tables 1-2),
+on SmolLM2-135M-Instruct (8192 positions) or, with ``--model gemma3``, Gemma 3
+270M (32768 positions; sliding-window layers of 512 tokens):
 
-* ``dense``: vLLM without streaming, within the context (first 8192 tokens);
+* ``dense``: vLLM without streaming, within the context (its first tokens);
 * ``dense_extrapolated``: the same past the context, its RoPE table stretched
   through ``hf_overrides`` (positions the model never saw);
 * ``window``: S=0, a window of S+W tokens (block-granular eviction);
@@ -24,6 +25,8 @@ Writes ``results/<name>.json`` and a plot ``results/<name>.png``.
 
     .venv/bin/python benchmarks/ppl.py                  # about 25 minutes here
     .venv/bin/python benchmarks/ppl.py --fidelity       # about 10 minutes
+    .venv/bin/python benchmarks/ppl.py --model gemma3 --tokens 36864 --windows 1020 \
+        --skip-extrapolated --oracle-tokens 64
 """
 
 from __future__ import annotations
@@ -45,26 +48,32 @@ from common import (
     thread_setting,
 )
 
+from vllm_sink_dev.paths import GEMMA3
 from vllm_sink_dev.reference import StreamingLlamaReference, recompute_nll, window_starts
 
 CONTEXT = 8192
 SINKS = 4
 SEGMENT = 1024
+MODELS = {
+    "smollm2": (MODEL, 8192),
+    "gemma3": (GEMMA3, 32768),
+}
+"""``--model``: checkpoint and context."""
 
 
-def text_tokens(count: int) -> list[int]:
-    tokens = handbook_tokens()
+def text_tokens(count: int, model: Path = MODEL) -> list[int]:
+    tokens = handbook_tokens(model)
     if len(tokens) < count:
         raise SystemExit(f"{TEXT} has {len(tokens)} tokens; asked for {count}")
     return tokens[:count]
 
 
-def vllm_nll(tokens: list[int], **engine_kwargs) -> list[float]:
+def vllm_nll(tokens: list[int], model: Path = MODEL, **engine_kwargs) -> list[float]:
     """Negative log-likelihood of ``tokens[1:]`` from one vLLM engine, one prompt."""
     from vllm import LLM, SamplingParams
 
     engine_kwargs.setdefault("max_num_batched_tokens", 1024)
-    llm = LLM(str(MODEL), dtype="float32", enforce_eager=True, **engine_kwargs)
+    llm = LLM(str(model), dtype="float32", enforce_eager=True, **engine_kwargs)
     try:
         params = SamplingParams(max_tokens=1, prompt_logprobs=0)
         out = llm.generate([{"prompt_token_ids": tokens}], params, use_tqdm=False)[0]
@@ -99,29 +108,30 @@ def timed(label: str, run: Callable[..., list[float]], *args, **kwargs) -> list[
 
 
 def compare_policies(args: argparse.Namespace) -> dict:
-    tokens = text_tokens(args.tokens)
+    model, context = MODELS[args.model]
+    tokens = text_tokens(args.tokens, model)
     runs: dict[str, list[float]] = {}
-    runs["dense"] = timed("dense", vllm_nll, tokens[: CONTEXT - 1], max_model_len=CONTEXT)
+    runs["dense"] = timed("dense", vllm_nll, tokens[: context - 1], model, max_model_len=context)
     if not args.skip_extrapolated:
         stretched = {"max_position_embeddings": len(tokens) + 1}
         runs["dense_extrapolated"] = timed(
-            "dense_extrapolated", vllm_nll, tokens,
+            "dense_extrapolated", vllm_nll, tokens, model,
             max_model_len=len(tokens) + 1, hf_overrides=stretched,
         )  # fmt: skip
     main_window = args.windows[len(args.windows) // 2]
     runs["window"] = timed(
-        "window", vllm_nll, tokens, **streaming(0, main_window + SINKS, args.chunk)
+        "window", vllm_nll, tokens, model, **streaming(0, main_window + SINKS, args.chunk)
     )
     oracle: dict[str, dict] = {}
     for window in args.windows:
         name = f"sinks4_w{window}"
-        runs[name] = timed(name, vllm_nll, tokens, **streaming(SINKS, window, args.chunk))
+        runs[name] = timed(name, vllm_nll, tokens, model, **streaming(SINKS, window, args.chunk))
         if window not in args.oracle_windows:
             continue
         cache = SINKS + window
         stride = max(1, (len(tokens) - cache) // args.oracle_tokens)
         targets = list(range(cache, len(tokens), stride))[: args.oracle_tokens]
-        recomputed = timed(f"recompute_w{window}", recompute_nll, MODEL, tokens, cache, targets)
+        recomputed = timed(f"recompute_w{window}", recompute_nll, model, tokens, cache, targets)
         same_tokens = [runs[name][t - 1] for t in targets]
         oracle[f"w{window}"] = {
             "cache_tokens": cache,
@@ -139,7 +149,8 @@ def compare_policies(args: argparse.Namespace) -> dict:
     return {
         "text": TEXT.name,
         "tokens": len(tokens),
-        "model": MODEL.name,
+        "model": model.name,
+        "context": context,
         "dtype": "float32",
         "prefill_chunk": args.chunk,
         "block_size": 128,
@@ -195,8 +206,9 @@ def plot(result: dict, path: Path) -> None:
             math.log(oracle["recompute_perplexity"]), linestyle=":", linewidth=1,
             label=f"recompute {window}: mean of {oracle['evaluated_tokens']} sampled tokens",
         )  # fmt: skip
-    axis.axvline(CONTEXT, color="grey", linewidth=0.8)
-    axis.text(CONTEXT, axis.get_ylim()[1], " model context", va="top", color="grey")
+    context = result.get("context", CONTEXT)
+    axis.axvline(context, color="grey", linewidth=0.8)
+    axis.text(context, axis.get_ylim()[1], " model context", va="top", color="grey")
     axis.set_xlabel("tokens into the text (per 1024-token segment)")
     axis.set_ylabel("log perplexity")
     axis.set_title(f"{result['model']}, {result['text']}: streaming vs dense vs window")
@@ -210,7 +222,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=20_480)
     parser.add_argument("--windows", type=int, nargs="+", default=[508, 1020, 2044])
     parser.add_argument("--chunk", type=int, default=1024, help="prefill chunk (streaming)")
-    parser.add_argument("--oracle-windows", type=int, nargs="+", default=[1020])
+    parser.add_argument("--model", choices=sorted(MODELS), default="smollm2")
+    parser.add_argument("--oracle-windows", type=int, nargs="*", default=[1020])
     parser.add_argument(
         "--oracle-tokens", type=int, default=192, help="tokens the oracle evaluates per window"
     )
@@ -225,7 +238,7 @@ def main() -> None:
         name = args.name or "ppl_chunk_fidelity"
     else:
         result = compare_policies(args)
-        name = args.name or f"ppl_smollm2_{args.tokens // 1024}k"
+        name = args.name or f"ppl_{args.model}_{args.tokens // 1024}k"
     result["threads"] = thread_setting()
     save_result(name, result, print_without=("segments",))
     if not args.fidelity:

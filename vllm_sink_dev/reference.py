@@ -280,6 +280,7 @@ def recompute_nll(
     for i in range(0, len(targets), batch):
         chunk = targets[i : i + batch]
         ids = torch.tensor([tokens[t - cache : t] for t in chunk])
-        logprobs = torch.log_softmax(model(input_ids=ids).logits[:, -1].float(), dim=-1)
+        logits = model(input_ids=ids, logits_to_keep=1).logits[:, -1]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
         nll += [-logprobs[j, tokens[t]].item() for j, t in enumerate(chunk)]
     return nll
