@@ -84,6 +84,12 @@ def test_tiny_family_matches_the_reference_through_window_re_rotations(
 
 
 ROPE_SCALINGS = {
+    # LongRoPE's short factors: the streaming cache fits its original context.
+    "longrope": {
+        "short_factor": [1.0 + 0.1 * i for i in range(32)],
+        "long_factor": [8.0] * 32,
+        "original_max_position_embeddings": 256,
+    },
     "linear": {"factor": 2.0},
     "dynamic": {"factor": 2.0},
     "yarn": {"factor": 4.0, "original_max_position_embeddings": 64},
@@ -96,16 +102,23 @@ ROPE_SCALINGS = {
 }
 
 
+def tiny_scaled_llama(scaling: str, tmp_path):
+    """The tiny Llama with ``scaling``; a RoPE table of 256 positions (LongRoPE's short one)."""
+    rope = {"rope_type": scaling, "rope_theta": 10000.0, **ROPE_SCALINGS[scaling]}
+    positions = 1024 if scaling == "longrope" else 256
+    return build_tiny_llama(tmp_path / scaling, max_positions=positions, rope_parameters=rope)
+
+
 @pytest.mark.parametrize("scaling", sorted(ROPE_SCALINGS))
 def test_rope_scaling_matches_the_reference_through_window_re_rotations(
     scaling, engine_factory, tmp_path
 ):
     """Positions within the cache get the scaled rotation of those positions: the table
     of each scaling is fixed per position (vLLM's dynamic NTK is computed once, for the
-    model's context), so a window re-rotation moves keys along the same table."""
+    model's context; LongRoPE's short table serves a cache within the original
+    context), so a window re-rotation moves keys along the same table."""
     sinks, window, block, chunk, prompt_len, max_tokens = 4, 64, 32, 96, 600, 200
-    rope = {"rope_type": scaling, "rope_theta": 10000.0, **ROPE_SCALINGS[scaling]}
-    model = build_tiny_llama(tmp_path / scaling, max_positions=256, rope_parameters=rope)
+    model = tiny_scaled_llama(scaling, tmp_path)
     ref = StreamingLlamaReference(model)
     plain = 1.0 / (10000.0 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64))
     scaled = ref.rope_scale != 1.0 or not torch.allclose(ref.inv_freq, plain)
@@ -120,12 +133,13 @@ def test_rope_scaling_matches_the_reference_through_window_re_rotations(
     print(f"{scaling}: max |logprob - reference| {errors.max():.2e} over {len(errors)} tokens")
 
 
-@pytest.mark.parametrize("family", ["qwen3", "stablelm", "gptj", "gemma3", "yarn", "llama3"])
+@pytest.mark.parametrize(
+    "family", ["qwen3", "stablelm", "gptj", "gemma3", "yarn", "llama3", "longrope"]
+)
 def test_the_reference_is_the_plain_model_while_nothing_is_evicted(family, tmp_path):
     """The oracle itself: with the whole text in its window, its logits are transformers'."""
     if family in ROPE_SCALINGS:
-        rope = {"rope_type": family, "rope_theta": 10000.0, **ROPE_SCALINGS[family]}
-        model = build_tiny_llama(tmp_path / family, max_positions=256, rope_parameters=rope)
+        model = tiny_scaled_llama(family, tmp_path)
     else:
         model = build_tiny(family, tmp_path / family, max_positions=256)
     ref = StreamingLlamaReference(model)

@@ -163,12 +163,12 @@ def test_each_position_scheme_is_refused_with_its_reason():
     cases = {
         "ALiBi": [BloomConfig(), MptConfig(), FalconConfig(alibi=True)],
         "learned absolute position embeddings": [GPT2Config(), OPTConfig()],
-        "LongRoPE": [Phi3Config(rope_parameters=longrope, original_max_position_embeddings=4096)],
     }
     for reason, configs in cases.items():
         for config in configs:
             assert reason in (model_refusal(hf_model(config)) or ""), type(config).__name__
-    for streams in (LlamaConfig(), Phi3Config(), Qwen2Config(), GPTJConfig()):
+    phi3_longrope = Phi3Config(rope_parameters=longrope, original_max_position_embeddings=4096)
+    for streams in (LlamaConfig(), Phi3Config(), phi3_longrope, Qwen2Config(), GPTJConfig()):
         assert model_refusal(hf_model(streams)) is None, type(streams).__name__
 
 

@@ -29,7 +29,10 @@ def what_moved(internal: Internal) -> str | None:
         fields = getattr(owner, "__dataclass_fields__", {})
         return None if internal.name in fields else f"{where}: no such dataclass field"
     if internal.kind == "attribute":
-        assigned = re.compile(rf"self\.{re.escape(internal.name)}\s*(:[^=\n]*)?=[^=]")
+        name = re.escape(internal.name)
+        assigned = re.compile(
+            rf"self\.{name}\s*(:[^=\n]*)?=[^=]|register_buffer\(\s*[\"']{name}[\"']"
+        )
         found = hasattr(owner, internal.name) or assigned.search(inspect.getsource(owner))
         return None if found else f"{where}: no longer set on instances"
     function = getattr(owner, internal.name, None)

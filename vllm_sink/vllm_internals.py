@@ -21,7 +21,8 @@ class Internal:
     owner: str
     name: str
     kind: str
-    """``method``, ``attribute`` (set on instances in the owner's code) or ``field`` (dataclass)."""
+    """``method``, ``attribute`` (set on instances in the owner's code, or a registered
+    buffer) or ``field`` (dataclass)."""
     params: tuple[str, ...] = ()
     """Parameter names the method must still take, where we call or override it."""
     used_by: str = ""
@@ -165,6 +166,12 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.envs", "", "_is_envs_cache_enabled", "method", (), "frontend.engine_setup"),
     Internal("vllm.model_executor.layers.rotary_embedding.base", "RotaryEmbedding",
              "_compute_cos_sin_cache", "method", (), "core.rerotation"),
+    *(
+        Internal("vllm.model_executor.layers.rotary_embedding.phi3_long_rope_scaled_rope",
+                 "Phi3LongRoPEScaledRotaryEmbedding", name, "attribute", (), "core.rerotation")
+        for name in ("long_short_cos_sin_cache", "use_long_rope",
+                     "original_max_position_embeddings")
+    ),
     Internal("vllm._custom_ops", "", "cpu_attn_reshape_and_cache", "method",
              ("key", "value", "key_cache", "value_cache", "slot_mapping", "isa"),
              "worker.cpu_attn_layout"),

@@ -7,6 +7,13 @@ way at every eviction, see :mod:`vllm_sink.worker.eviction`), rotations compose:
 angles come from the layer's own rotary module (so its base, scaling and
 rotary dims stay right), normalised to unit length so that scalings which also
 scale the magnitude (YaRN's mscale) are not applied twice.
+
+LongRoPE (Phi-3) keeps a short-factor and a long-factor table and uses one for
+the whole engine, picked by the length limit it was built under: the worker's,
+which is the streaming cache's span. Positions within the cache never leave
+that span, so a cache that fits the original context gets the short factors
+the model was trained with there; a longer one gets the long factors, as vLLM
+would give a plain engine with that limit.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ class RopeDeltas:
 
     @classmethod
     def from_rotary_module(cls, rotary: torch.nn.Module) -> RopeDeltas:
-        table = rotary._compute_cos_sin_cache().to(torch.float64)
+        table = _position_table(rotary).to(torch.float64)
         rotary_dim = int(rotary.rotary_dim)
         if table.dim() != 2 or table.shape[1] != rotary_dim:
             raise ValueError(
@@ -41,7 +48,8 @@ class RopeDeltas:
             cos=(cos / norm).to(torch.float32),
             sin=(sin / norm).to(torch.float32),
             rotary_dim=rotary_dim,
-            is_neox_style=bool(rotary.is_neox_style),
+            # LongRoPE takes neox style only, and does not say so.
+            is_neox_style=bool(getattr(rotary, "is_neox_style", True)),
         )
 
     def rotate_back(self, keys: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
@@ -63,3 +71,13 @@ class RopeDeltas:
             rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
             rotated = rotated.flatten(-2)
         return torch.cat((rotated, keys[..., self.rotary_dim :]), dim=-1)
+
+
+def _position_table(rotary: torch.nn.Module) -> torch.Tensor:
+    """``[positions, rotary_dim]`` cos|sin of the positions the module rotates by."""
+    long_short = getattr(rotary, "long_short_cos_sin_cache", None)
+    if long_short is None:
+        return rotary._compute_cos_sin_cache()
+    # LongRoPE: [short (original context rows) | long] tables, one of them in use.
+    short_rows = int(rotary.original_max_position_embeddings)
+    return long_short[short_rows:] if rotary.use_long_rope else long_short[:short_rows]

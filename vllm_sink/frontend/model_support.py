@@ -23,22 +23,6 @@ LEARNED_POSITIONS = (
     "learned absolute position embeddings, added to its inputs: every cached key carries its "
     "position in the text, and no rotation can move it within the cache"
 )
-LONGROPE = (
-    "LongRoPE scaling: vLLM picks the long-context factors for the whole engine whenever the "
-    "length limit passes the original context, as a stream's always does, while positions "
-    "within a streaming cache stay in the short range the short factors were trained for"
-)
-
-
-def _rope_types(text_config: Any) -> set[str]:
-    params = getattr(text_config, "rope_parameters", None) or {}
-    # Hybrid models keep one entry per layer kind.
-    entries = params.values() if all(isinstance(v, dict) for v in params.values()) else [params]
-    types = {str(e.get("rope_type") or e.get("type") or "default") for e in entries if e}
-    scaling = getattr(text_config, "rope_scaling", None) or {}
-    if isinstance(scaling, dict) and (scaling.get("rope_type") or scaling.get("type")):
-        types.add(str(scaling.get("rope_type") or scaling.get("type")))
-    return types
 
 
 def uses_alibi(text_config: Any) -> bool:
@@ -69,7 +53,6 @@ def model_refusal(model_config: Any) -> str | None:
         ALIBI: uses_alibi(text_config),
         LEARNED_POSITIONS: text_config.model_type in LEARNED_POSITION_MODEL_TYPES,
         "no rotary position embedding": not uses_rope(text_config),
-        LONGROPE: "longrope" in _rope_types(text_config),
         "MLA attention": model_config.use_mla,
         "hybrid (attention + state-space) layers": model_config.is_hybrid,
         "multimodal M-RoPE": model_config.uses_mrope,
