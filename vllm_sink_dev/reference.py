@@ -268,18 +268,28 @@ class StreamingLlamaReference:
 
 @torch.no_grad()
 def recompute_nll(
-    model_path: str | Path, tokens: list[int], cache: int, targets: list[int], batch: int = 4
+    model_path: str | Path,
+    tokens: list[int],
+    cache: int,
+    targets: list[int],
+    batch: int = 4,
+    prefix: list[int] | None = None,
 ) -> list[float]:
     """Sliding window with re-computation, the paper's oracle: each target token is
     predicted from the ``cache`` tokens before it, encoded afresh at positions
-    ``0 .. cache-1`` by the plain transformers model (float32)."""
+    ``0 .. cache-1`` by the plain transformers model (float32).
+
+    ``prefix``: tokens every window starts with instead of its oldest ones (the
+    ``<bos>`` of a model whose prompts always begin with it, as served prompts do).
+    """
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    prefix = prefix or []
     nll = []
     for i in range(0, len(targets), batch):
         chunk = targets[i : i + batch]
-        ids = torch.tensor([tokens[t - cache : t] for t in chunk])
+        ids = torch.tensor([prefix + tokens[t - cache + len(prefix) : t] for t in chunk])
         logits = model(input_ids=ids, logits_to_keep=1).logits[:, -1]
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         nll += [-logprobs[j, tokens[t]].item() for j, t in enumerate(chunk)]
