@@ -30,7 +30,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from checkpoint_dir import output_dir, publish
+from checkpoint_dir import dense_model_from_gguf, output_dir, publish
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "models" / "gemma-3-270m"
@@ -171,8 +171,7 @@ def gguf_metadata(path: Path) -> dict[str, object]:
 
 def build(gguf: Path, tmp: Path) -> None:
     """Dequantize the GGUF with transformers and save a plain bf16 checkpoint into `tmp`."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import AutoTokenizer
 
     src_dir, name = str(gguf.parent), gguf.name
     t0 = time.perf_counter()
@@ -186,26 +185,7 @@ def build(gguf: Path, tmp: Path) -> None:
         f"bos={tokenizer.bos_token!r}) in {time.perf_counter() - t0:.1f}s"
     )
 
-    t0 = time.perf_counter()
-    # transformers 5 keeps GGUF weights packed unless told to dequantize; we need dense weights.
-    # `dtype` is the transformers-5 name of `torch_dtype`.
-    model = AutoModelForCausalLM.from_pretrained(
-        src_dir,
-        gguf_file=name,
-        dtype=torch.bfloat16,
-        quantization_config=GgufConfig(dequantize=True),
-    )
-    print(f"model dequantized to bfloat16 in {time.perf_counter() - t0:.1f}s")
-    for pname, param in model.named_parameters():
-        if param.dtype != torch.bfloat16:
-            sys.exit(
-                f"error: parameter {pname} is {param.dtype}, expected dense bfloat16 (still packed?)"
-            )
-
-    # Make it a plain, non-quantized model so save_pretrained writes dense safetensors.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    model = dense_model_from_gguf(gguf)
 
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from checkpoint_dir import output_dir, publish
+from checkpoint_dir import dense_model_from_gguf, output_dir, publish
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "models" / "SmolLM2-135M-Instruct"
@@ -82,8 +82,7 @@ def gguf_metadata(path: Path) -> dict[str, object]:
 
 def build(gguf: Path, tmp: Path, meta: dict[str, object]) -> None:
     """Dequantize the GGUF with transformers and save a plain bf16 checkpoint into `tmp`."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     src_dir, name = str(gguf.parent), gguf.name
     t0 = time.perf_counter()
@@ -98,30 +97,7 @@ def build(gguf: Path, tmp: Path, meta: dict[str, object]) -> None:
         f"tokenizer loaded ({len(tokenizer)} tokens, chat template: yes) in {time.perf_counter() - t0:.1f}s"
     )
 
-    kwargs: dict[str, object] = {}
-    try:  # transformers 5 keeps GGUF weights packed unless told to dequantize; we need dense weights.
-        from transformers import GgufConfig
-
-        kwargs["quantization_config"] = GgufConfig(dequantize=True)
-    except ImportError:
-        pass
-    t0 = time.perf_counter()
-    # `dtype` is the transformers-5 name of `torch_dtype` (the old name is deprecated).
-    model = AutoModelForCausalLM.from_pretrained(
-        src_dir, gguf_file=name, dtype=torch.bfloat16, **kwargs
-    )
-    print(f"model dequantized to bfloat16 in {time.perf_counter() - t0:.1f}s")
-
-    for pname, param in model.named_parameters():
-        if param.dtype != torch.bfloat16:
-            sys.exit(
-                f"error: parameter {pname} is {param.dtype}, expected dense bfloat16 (still packed?)"
-            )
-
-    # Make it a plain, non-quantized model so save_pretrained writes dense safetensors.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    model = dense_model_from_gguf(gguf)
     model.config.tie_word_embeddings = bool(meta["tie_word_embeddings"])
 
     model.save_pretrained(tmp, safe_serialization=True)

@@ -1,8 +1,9 @@
-"""Writing a model checkpoint directory so that a half-built one never looks complete.
+"""What the ``build_*.py`` scripts share: a dense model from a GGUF file, and a
+checkpoint directory that never looks complete while half-built.
 
-Shared by the ``build_*.py`` scripts: a checkpoint is built in a temporary
-sibling directory and renamed into place with a ``.complete`` marker; a later
-run reuses a complete one and refuses to touch a partial one.
+A checkpoint is built in a temporary sibling directory and renamed into place
+with a ``.complete`` marker; a later run reuses a complete one and refuses to
+touch a partial one.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 MARKER = ".complete"
 
@@ -53,3 +55,30 @@ def publish(out: Path, build: Callable[[Path], str], start: float) -> None:
         raise
     files = ", ".join(sorted(p.name for p in out.iterdir() if not p.name.startswith(".")))
     print(f"wrote {out} ({files}) in {time.perf_counter() - start:.1f}s")
+
+
+def dense_model_from_gguf(gguf: Path) -> Any:
+    """The GGUF's model dequantized to plain bfloat16, as ``save_pretrained`` writes it dense."""
+    import torch
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    start = time.perf_counter()
+    # transformers 5 keeps GGUF weights packed unless told to dequantize; `dtype` is its
+    # name for `torch_dtype`.
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent),
+        gguf_file=gguf.name,
+        dtype=torch.bfloat16,
+        quantization_config=GgufConfig(dequantize=True),
+    )
+    print(f"model dequantized to bfloat16 in {time.perf_counter() - start:.1f}s")
+    for name, param in model.named_parameters():
+        if param.dtype != torch.bfloat16:
+            sys.exit(
+                f"error: parameter {name} is {param.dtype}, expected dense bfloat16 (still packed?)"
+            )
+    # A plain, non-quantized model, so that save_pretrained writes dense safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
