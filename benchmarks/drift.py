@@ -59,7 +59,7 @@ def stream_and_capture(tokens: list[int], sinks: int, window: int, chunk: int):
         additional_config={"streaming_sinks": sinks, "streaming_window": window},
     )  # fmt: skip
     core = llm.llm_engine.engine_core.engine_core
-    manager = core.scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    manager = core.scheduler.streaming.sinks
     runner = core.model_executor.driver_worker.worker.model_runner
     held: dict[str, list[int]] = {}
     free = manager.free
@@ -84,7 +84,7 @@ def stream_and_capture(tokens: list[int], sinks: int, window: int, chunk: int):
         evicted = policy.evicted_blocks(last_step_start)
         (blocks,) = held.values()
         compact = torch.tensor([blocks[0], *blocks[evicted + 1 :]])
-        keys = runner._streaming_layers[0][0].get(compact)  # [blocks, heads, slots, dim]
+        keys = runner._layer_groups[0].layers[0][0].get(compact)  # [blocks, heads, slots, dim]
         keys = keys.permute(0, 2, 1, 3).reshape(-1, keys.shape[1], keys.shape[3]).clone()
     finally:
         shutdown(llm)

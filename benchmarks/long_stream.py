@@ -64,7 +64,7 @@ def main() -> None:
     )
     engine = llm.llm_engine
     core = engine.engine_core.engine_core
-    manager = core.scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    manager = core.scheduler.streaming.sinks
     params = SamplingParams(
         max_tokens=args.generate, temperature=0.8, ignore_eos=True, detokenize=args.model != "tiny"
     )

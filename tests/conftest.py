@@ -25,6 +25,20 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory) -> Path:
+    """Two sliding-window layers and a global one: a hybrid model, with KV groups of each kind."""
+    from vllm_sink_dev.families import build_tiny
+
+    return build_tiny("gemma3", tmp_path_factory.mktemp("tiny_gemma3"), max_positions=256)
+
+
+@pytest.fixture(scope="session", params=["llama", "gemma3"])
+def tiny_model(request) -> Path:
+    """The tiny Llama, then the tiny Gemma 3 (:func:`tiny_gemma3`)."""
+    return request.getfixturevalue(f"tiny_{request.param}")
+
+
+@pytest.fixture(scope="session")
 def smollm2() -> Path:
     if not (SMOLLM2 / "config.json").exists():
         pytest.fail(f"{SMOLLM2} is missing: run ./setup.sh first")

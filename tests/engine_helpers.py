@@ -28,5 +28,5 @@ def random_prompt(length: int, seed: int, vocab: int = 500) -> list[int]:
 
 
 def kv_manager(llm):
-    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
-    return scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    """The KV manager of the engine's sink + window layer group."""
+    return llm.llm_engine.engine_core.engine_core.scheduler.streaming.sinks

@@ -7,10 +7,15 @@ import random
 
 import torch
 from vllm.v1.core.block_pool import BlockPool
-from vllm.v1.kv_cache_interface import FullAttentionSpec
+from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
 
 from vllm_sink.core.policy import SinkWindowPolicy
-from vllm_sink.scheduler.kv_cache import StreamingSinkManager, StreamingSinkSpec
+from vllm_sink.scheduler.kv_cache import (
+    StreamingSinkManager,
+    StreamingSinkSpec,
+    StreamingSlidingManager,
+    StreamingSlidingSpec,
+)
 
 
 def make_manager(
@@ -29,6 +34,26 @@ def make_manager(
         scheduler_block_size=policy.block_size,
     )
     return manager, pool
+
+
+def make_sliding_manager(
+    policy: SinkWindowPolicy, sliding_window: int, pool: BlockPool, group: int
+) -> StreamingSlidingManager:
+    """A sliding-window group's manager, sharing ``pool`` with another group."""
+    base = SlidingWindowSpec(
+        block_size=policy.block_size,
+        num_kv_heads=2,
+        head_size=64,
+        dtype=torch.float32,
+        sliding_window=sliding_window,
+    )
+    return StreamingSlidingManager(
+        StreamingSlidingSpec.from_attention(base, policy),
+        block_pool=pool,
+        enable_caching=False,
+        kv_cache_group_id=group,
+        scheduler_block_size=policy.block_size,
+    )
 
 
 def step(manager: StreamingSinkManager, req: str, computed: int, new: int) -> None:

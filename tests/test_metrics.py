@@ -16,6 +16,7 @@ from vllm_sink.metrics import (
     engine_key,
     remove_orphaned_boards,
 )
+from vllm_sink.scheduler.kv_cache import StreamingManagers
 
 
 def test_collector_exposes_its_engines_boards(tmp_path):
@@ -54,7 +55,7 @@ def test_manager_figures_count_its_streams():
     manager.remove_skipped_blocks("long", lengths["long"])
     manager.remove_skipped_blocks("short", 40)
 
-    figures = manager.figures()
+    figures = StreamingManagers([manager]).figures()
     # The long stream holds its 4 sinks plus tokens from the first one past its
     # evicted blocks: 960 - 4 - 64 + 1 = 893 spare positions, 27 whole blocks.
     long_resident = 960 - 27 * 32
@@ -67,8 +68,8 @@ def test_manager_figures_count_its_streams():
 
     manager.free("long")
     manager.free("short")
-    figures = manager.figures()
-    assert not manager.has_streams
+    figures = StreamingManagers([manager]).figures()
+    assert not StreamingManagers([manager]).has_streams
     assert figures["streams"] == figures["resident_blocks"] == figures["resident_tokens"] == 0
     assert figures["evicted_blocks"] > 0  # a counter: it outlives the streams
 

@@ -69,6 +69,34 @@ def test_resident_blocks_bound(sinks, window, block, chunk):
     assert policy.max_resident_blocks - peak <= 2  # the bound is not loose
 
 
+@pytest.mark.parametrize(
+    "sinks,window,block,chunk,sliding",
+    [
+        (4, 64, 32, 64, 64),
+        (4, 1020, 128, 2048, 512),
+        (4, 1020, 128, 128, 512),
+        (0, 256, 32, 1, 100),
+    ],
+)
+def test_sliding_window_groups_hold_their_window_and_at_most_their_bound(
+    sinks, window, block, chunk, sliding
+):
+    """A sliding-window group keeps the head block and every block holding a key that a
+    query of the step (or a later one) attends; never more than its bound, which is tight."""
+    policy = SinkWindowPolicy(sinks, window, block, max_chunk_tokens=chunk)
+    n, peak = 0, 0
+    for q in [chunk] * 30 + [1] * 3000:
+        first_held = policy.sliding_first_held_block(n, sliding)
+        oldest_attended = max(0, n - sliding + 1)  # by the step's first query
+        assert first_held == 1 or first_held * block <= oldest_attended  # freed: not attended
+        assert (first_held + 1) * block > oldest_attended  # the first held block is attended
+        allocated = math.ceil((n + q) / block)
+        peak = max(peak, allocated - (first_held - 1))
+        n += q
+    assert peak <= policy.sliding_max_resident_blocks(sliding) <= policy.max_resident_blocks
+    assert policy.sliding_max_resident_blocks(sliding) - peak <= 2
+
+
 def test_refuses_impossible_settings():
     with pytest.raises(ValueError, match="sinks"):
         SinkWindowPolicy(sinks=33, window=64, block_size=32, max_chunk_tokens=8)

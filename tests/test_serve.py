@@ -26,7 +26,7 @@ def test_startup_logs_the_streaming_settings(server):
     log = server.log.read_text()
     assert "vllm-sink: streaming on: 4 sinks + a window of 1020 tokens" in log
     assert "block size 128, at most 18 KV blocks per stream" in log
-    assert "KV memory per stream at most 101.2 MiB (18 blocks)" in log
+    assert "KV memory per stream at most 101.2 MiB (18 blocks in 1 KV cache group(s))" in log
     assert "full-size streams at once" in log
 
 

@@ -69,13 +69,13 @@ async def run_session(engine, inputs: list[tuple[list[int], int]]) -> tuple[list
     return tokens, logprobs
 
 
-def test_a_session_is_one_stream_over_all_its_inputs(tiny_llama):
+def test_a_session_is_one_stream_over_all_its_inputs(tiny_model):
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.inputs import TokensPrompt
     from vllm.v1.engine.async_llm import AsyncLLM
 
     args = AsyncEngineArgs(
-        model=str(tiny_llama), dtype="float32", block_size=BLOCK, max_num_batched_tokens=CHUNK,
+        model=str(tiny_model), dtype="float32", block_size=BLOCK, max_num_batched_tokens=CHUNK,
         skip_tokenizer_init=True, enforce_eager=True, **streaming(SINKS, WINDOW),
     )  # fmt: skip
     engine = AsyncLLM.from_engine_args(args)
@@ -114,7 +114,7 @@ def test_a_session_is_one_stream_over_all_its_inputs(tiny_llama):
     assert len(tokens) == sum(m for _, m in inputs)
     assert len(history) > SINKS + WINDOW + 8 * BLOCK  # evictions in every input
 
-    ref = StreamingLlamaReference(tiny_llama)
+    ref = StreamingLlamaReference(tiny_model)
     table = ref.logprobs(history, SINKS, window_starts_of_steps(steps, SINKS, WINDOW, BLOCK))
     # A token sampled at ``p`` is a sample of the distribution after ``p - 1``,
     # also the last of an input, which the next input's first token replaces.

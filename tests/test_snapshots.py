@@ -50,15 +50,15 @@ def expected_logprobs(ref, tokens, steps, generated_from: int) -> torch.Tensor:
 
 
 @pytest.fixture
-def engine(tiny_llama, engine_factory):
-    llm = tiny_streaming_engine(engine_factory, tiny_llama, SINKS, WINDOW, BLOCK, CHUNK)
+def engine(tiny_model, engine_factory):
+    llm = tiny_streaming_engine(engine_factory, tiny_model, SINKS, WINDOW, BLOCK, CHUNK)
     return llm.llm_engine
 
 
-def test_next_turn_resumes_the_stream_as_one_uninterrupted_stream(engine, tiny_llama):
+def test_next_turn_resumes_the_stream_as_one_uninterrupted_stream(engine, tiny_model):
     core = engine.engine_core.engine_core
     log = ScheduleLog(core.scheduler)
-    pool = core.scheduler.streaming_manager.block_pool
+    pool = core.scheduler.streaming.block_pool
     free_at_start = pool.get_num_free_blocks()
     hits_before = core.scheduler.snapshot_hits
 
@@ -71,14 +71,14 @@ def test_next_turn_resumes_the_stream_as_one_uninterrupted_stream(engine, tiny_l
     computed_by_t1 = len(first) + len(out1) - 1  # the last sampled token has no KV yet
     assert steps2[0][0] == computed_by_t1  # resumed: prefilled only the rest
     assert core.scheduler.snapshot_hits == hits_before + 1
-    ref = StreamingLlamaReference(tiny_llama)
+    ref = StreamingLlamaReference(tiny_model)
     expected = expected_logprobs(ref, second + out2, steps1 + steps2, len(second))
     assert (torch.tensor(got) - expected).abs().max() < FP32_TOLERANCE
     assert computed_by_t1 > SINKS + WINDOW + 4 * BLOCK  # the first turn evicted
     assert pool.get_num_free_blocks() == free_at_start  # snapshots' blocks count as free
 
 
-def test_a_snapshot_serves_one_request_and_shared_prefixes_stay_apart(engine, tiny_llama):
+def test_a_snapshot_serves_one_request_and_shared_prefixes_stay_apart(engine, tiny_model):
     """Two conversations share their opening; two requests continue one of them at once."""
     core = engine.engine_core.engine_core
     log = ScheduleLog(core.scheduler)
@@ -97,7 +97,7 @@ def test_a_snapshot_serves_one_request_and_shared_prefixes_stay_apart(engine, ti
     outs2 = run(engine, seconds, 60)
     assert core.scheduler.snapshot_hits == hits_before + 2  # x2 or x2-again, and y2
 
-    ref = StreamingLlamaReference(tiny_llama)
+    ref = StreamingLlamaReference(tiny_model)
     resumed = 0
     for req_id, prompt in seconds.items():
         steps = log.of(req_id)
@@ -110,14 +110,14 @@ def test_a_snapshot_serves_one_request_and_shared_prefixes_stay_apart(engine, ti
     assert resumed == 2
 
 
-def test_preempted_or_aborted_resumed_requests_lose_nothing(engine, tiny_llama):
+def test_preempted_or_aborted_resumed_requests_lose_nothing(engine, tiny_model):
     """A resumed stream preempted mid-flight recomputes its whole history; one aborted
     leaves its stream for the next request; no block leaks."""
     core = engine.engine_core.engine_core
     log = ScheduleLog(core.scheduler)
-    pool = core.scheduler.streaming_manager.block_pool
+    pool = core.scheduler.streaming.block_pool
     free_at_start = pool.get_num_free_blocks()
-    ref = StreamingLlamaReference(tiny_llama)
+    ref = StreamingLlamaReference(tiny_model)
 
     first = random_prompt(300, seed=71)
     out1, _ = run(engine, {"t1": first}, 150)["t1"]
@@ -162,7 +162,7 @@ def test_preempted_or_aborted_resumed_requests_lose_nothing(engine, tiny_llama):
     assert pool.get_num_free_blocks() == free_at_start  # nothing leaked
 
 
-def test_a_prompt_that_rewrites_the_last_computed_token_resumes_before_it(engine, tiny_llama):
+def test_a_prompt_that_rewrites_the_last_computed_token_resumes_before_it(engine, tiny_model):
     """A client's re-tokenized text may change the previous request's last token: the
     stream resumes where its last step began and computes that token again."""
     core = engine.engine_core.engine_core
@@ -174,6 +174,6 @@ def test_a_prompt_that_rewrites_the_last_computed_token_resumes_before_it(engine
     out2, got = run(engine, {"t2": second}, 60)["t2"]
     steps1, steps2 = log.of("t1"), log.of("t2")
     assert steps2[0][0] == len(first) + len(out1) - 2 == steps1[-1][0]
-    ref = StreamingLlamaReference(tiny_llama)
+    ref = StreamingLlamaReference(tiny_model)
     expected = expected_logprobs(ref, second + out2, steps1 + steps2, len(second))
     assert (torch.tensor(got) - expected).abs().max() < FP32_TOLERANCE

@@ -42,7 +42,7 @@ def test_two_million_token_stream_keeps_kv_and_host_memory_flat(tiny_llama, engi
     )
     core = llm.llm_engine.engine_core.engine_core
     runner = core.model_executor.driver_worker.worker.model_runner
-    manager = core.scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    manager = core.scheduler.streaming.sinks
     policy = runner.sink_policy
 
     # No length limit, and nothing in the worker sized by one.

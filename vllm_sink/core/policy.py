@@ -104,6 +104,27 @@ class SinkWindowPolicy:
         """
         return 1, self.evicted_blocks(num_computed_tokens)
 
+    def sliding_first_held_block(self, num_computed_tokens: int, sliding_window: int) -> int:
+        """First window block a sliding-window layer still reads in a step starting at ``n``.
+
+        A layer that attends only its last ``sliding_window`` tokens (Gemma 3's
+        local layers) reads no key before ``n - sliding_window + 1`` from this
+        step on: blocks ``1 ..`` this one ``- 1`` can be freed in its KV cache
+        group, as vLLM's own sliding-window manager frees them. The head block
+        stays, so that the group's block rows keep the compact layout.
+        """
+        return max(1, (num_computed_tokens - sliding_window + 1) // self.block_size)
+
+    def sliding_max_resident_blocks(self, sliding_window: int) -> int:
+        """Most KV blocks one stream holds in a sliding-window layer group.
+
+        The head block + the blocks of up to ``sliding_window - 1`` tokens before a
+        step and the step's ``C`` tokens, which may straddle one more block
+        boundary; never more than the full-attention bound.
+        """
+        span = sliding_window + self.max_chunk_tokens - 2
+        return min(self.max_resident_blocks, span // self.block_size + 3)
+
     # ---------------------------------------------------------------- positions
     def position_shift(self, num_computed_tokens: int) -> int:
         """How far left (in tokens) non-sink tokens sit in the cache."""

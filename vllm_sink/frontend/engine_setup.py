@@ -214,7 +214,7 @@ def check_engine_config(config: VllmConfig) -> None:
     logger.info(
         "vllm-sink: streaming on: %d sinks + a window of %d tokens (+ up to %d while "
         "decoding, %d with %d-token prefill chunks), block size %d, at most %d KV "
-        "blocks per stream, a cache of %d positions; %s",
+        "blocks per stream in each full-attention layer group, a cache of %d positions; %s",
         policy.sinks,
         policy.window,
         policy.max_decode_window_slack,

@@ -1,10 +1,18 @@
-"""Scheduler side: the KV cache spec and manager of a streaming layer group.
+"""Scheduler side: the KV cache specs and managers of streaming layer groups.
 
 Registered through vLLM's ``KVCacheSpecRegistry``; the stock scheduler and
-block pool do the rest. The manager pins each request's head block, frees the
-window blocks the policy has evicted (they go straight back to the block pool
-for any request to reuse) and caps admission at the per-stream bound, so a
-prompt of any length is admitted once that bound fits.
+block pool do the rest. Two kinds of layer group, one policy:
+
+* :class:`StreamingSinkManager` (full-attention layers): pins each request's
+  head block, frees the window blocks the policy has evicted;
+* :class:`StreamingSlidingManager` (the sliding-window layers of a hybrid
+  model such as Gemma 3): pins the head block and frees every block the
+  layer's own window has passed, as vLLM's sliding-window manager does.
+
+Freed blocks go straight back to the block pool for any request to reuse.
+Each manager caps admission at its per-stream bound, so a prompt of any
+length is admitted once that bound fits. :class:`StreamingManagers` is what
+the scheduler sees of them together: snapshots and figures.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
-from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
+from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, SlidingWindowSpec
 
 from vllm_sink.core.policy import SinkWindowPolicy, _cdiv
 from vllm_sink.scheduler.snapshots import Snapshot, SnapshotStore
@@ -25,13 +33,13 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_utils import KVCacheBlock
 
 
-@dataclass(frozen=True, kw_only=True)
-class StreamingSinkSpec(FullAttentionSpec):
-    """Full attention whose memory per request is bounded by sinks + window."""
+class _StreamingSpec:
+    """The policy fields both streaming specs carry (declared by each dataclass)."""
 
     sink_tokens: int
     window_tokens: int
     max_chunk_tokens: int
+    block_size: int
 
     @property
     def policy(self) -> SinkWindowPolicy:
@@ -47,33 +55,67 @@ class StreamingSinkSpec(FullAttentionSpec):
         # Evicted, re-rotated blocks are not a function of their token prefix.
         return False
 
-    def max_memory_usage_bytes(self, vllm_config: VllmConfig) -> int:
-        return self.policy.max_resident_blocks * self.page_size_bytes
-
     @classmethod
-    def from_attention(cls, spec: AttentionSpec, policy: SinkWindowPolicy) -> StreamingSinkSpec:
-        """The streaming spec of a full-attention or sliding-window layer.
-
-        What the page holds is kept; a layer's own sliding window is not
-        (the layer applies it), so that all layers share one spec.
-        """
-        fields = {f: getattr(spec, f) for f in AttentionSpec.__dataclass_fields__}
-        return cls(
-            **fields,
-            sink_tokens=policy.sinks,
-            window_tokens=policy.window,
-            max_chunk_tokens=policy.max_chunk_tokens,
-        )
-
-    @classmethod
-    def merge(cls, specs: list[StreamingSinkSpec]) -> StreamingSinkSpec:  # type: ignore[override]
+    def merge(cls, specs: list) -> _StreamingSpec:  # type: ignore[override]
         if not all(spec == specs[0] for spec in specs[1:]):
             raise AssertionError("All streaming layers in a KV cache group must match.")
         return specs[0]
 
 
-class StreamingSinkManager(SingleTypeKVCacheManager):
-    """Frees evicted window blocks as a stream advances; keeps finished streams to resume.
+def _policy_fields(policy: SinkWindowPolicy) -> dict[str, int]:
+    return {
+        "sink_tokens": policy.sinks,
+        "window_tokens": policy.window,
+        "max_chunk_tokens": policy.max_chunk_tokens,
+    }
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamingSinkSpec(_StreamingSpec, FullAttentionSpec):
+    """Full attention whose memory per request is bounded by sinks + window."""
+
+    sink_tokens: int
+    window_tokens: int
+    max_chunk_tokens: int
+
+    def max_memory_usage_bytes(self, vllm_config: VllmConfig) -> int:
+        return self.policy.max_resident_blocks * self.page_size_bytes
+
+    @classmethod
+    def from_attention(cls, spec: AttentionSpec, policy: SinkWindowPolicy) -> StreamingSinkSpec:
+        """The streaming spec of a full-attention layer (or of any attention layer).
+
+        What the page holds is kept; a layer's own sliding window is not (the
+        layer applies it), so that all layers can share one spec.
+        """
+        fields = {f: getattr(spec, f) for f in AttentionSpec.__dataclass_fields__}
+        return cls(**fields, **_policy_fields(policy))
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamingSlidingSpec(_StreamingSpec, SlidingWindowSpec):
+    """A sliding-window layer streamed beside sink layers: it holds only its own window."""
+
+    sink_tokens: int
+    window_tokens: int
+    max_chunk_tokens: int
+
+    def max_admission_blocks_per_request(
+        self, max_in_flight_tokens: int, max_model_len: int
+    ) -> int:
+        """The per-stream bound (vLLM sizes the pool and caps admission with this)."""
+        return self.policy.sliding_max_resident_blocks(self.sliding_window)
+
+    @classmethod
+    def from_attention(
+        cls, spec: SlidingWindowSpec, policy: SinkWindowPolicy
+    ) -> StreamingSlidingSpec:
+        fields = {f: getattr(spec, f) for f in SlidingWindowSpec.__dataclass_fields__}
+        return cls(**fields, **_policy_fields(policy))
+
+
+class _StreamingManager(SingleTypeKVCacheManager):
+    """Frees a stream's blocks below :meth:`first_held_block`; hands over snapshots.
 
     Streams run with vLLM's prefix caching off (start-up refuses it): blocks
     are never cached by their token prefix. A finished stream's blocks may
@@ -82,9 +124,9 @@ class StreamingSinkManager(SingleTypeKVCacheManager):
     as a cache hit of the stream's ``N`` tokens.
     """
 
-    def __init__(self, kv_cache_spec: StreamingSinkSpec, **kwargs) -> None:
+    def __init__(self, kv_cache_spec: _StreamingSpec, **kwargs) -> None:
         self.policy = kv_cache_spec.policy
-        kwargs["max_admission_blocks_per_request"] = self.policy.max_resident_blocks
+        kwargs["max_admission_blocks_per_request"] = self.max_blocks_per_stream(kv_cache_spec)
         super().__init__(kv_cache_spec, **kwargs)
         self._freed_until: dict[str, int] = {}
         self._stream_tokens: dict[str, int] = {}
@@ -92,12 +134,16 @@ class StreamingSinkManager(SingleTypeKVCacheManager):
         self.peak_resident_blocks = 0
         """Most blocks any one request has held at once (for tests and metrics)."""
         self.num_evicted_blocks = 0
-        """Window blocks returned to the pool so far."""
+        """Blocks returned to the pool so far."""
         self.snapshots = SnapshotStore(0, self.block_size, b"")
-        """Finished streams kept for the requests that continue them (none until enabled)."""
+        """Finished streams kept for the requests that continue them, shared by all groups."""
 
-    def enable_snapshots(self, capacity: int, salt: bytes) -> None:
-        self.snapshots = SnapshotStore(capacity, self.block_size, salt)
+    def max_blocks_per_stream(self, spec: _StreamingSpec) -> int:
+        raise NotImplementedError
+
+    def first_held_block(self, num_computed_tokens: int) -> int:
+        """The request's first block after the head that a step starting at ``n`` needs."""
+        raise NotImplementedError
 
     def resident_blocks(self, request_id: str) -> int:
         """Blocks the request holds now (freed slots are null placeholders)."""
@@ -111,13 +157,13 @@ class StreamingSinkManager(SingleTypeKVCacheManager):
         num_prompt_tokens: int | None = None,
     ) -> None:
         self._stream_tokens[request_id] = processed_computed_tokens
-        first, last = self.policy.freeable_block_range(processed_computed_tokens)
-        last = min(last, len(self.req_to_blocks.get(request_id, ())))
-        already = self._freed_until.get(request_id, first)
-        if last > already:
-            self._remove_blocks_in_range(request_id, first, last)
-            self.num_evicted_blocks += last - already
-            self._freed_until[request_id] = last
+        first_held = self.first_held_block(processed_computed_tokens)
+        first_held = min(first_held, len(self.req_to_blocks.get(request_id, ())))
+        already = self._freed_until.get(request_id, 1)
+        if first_held > already:
+            self._remove_blocks_in_range(request_id, 1, first_held)
+            self.num_evicted_blocks += first_held - already
+            self._freed_until[request_id] = first_held
 
     def allocate_new_blocks(
         self, request_id: str, num_tokens: int, num_tokens_main_model: int
@@ -132,36 +178,17 @@ class StreamingSinkManager(SingleTypeKVCacheManager):
         self._stream_tokens.pop(request_id, None)
 
     # ---------------------------------------------------------------- snapshots
-    def keep_snapshot(self, request_id: str, tokens: Sequence[int], request_salt: str) -> bool:
-        """Keep a finished request's blocks as a snapshot of ``tokens`` (its computed tokens).
+    def pop_snapshot_blocks(self, request_id: str, held: int) -> tuple[tuple, int, int | None]:
+        """Take a finished request's first ``held`` blocks for a snapshot; free the rest.
 
-        Instead of :meth:`free`; ``False`` (nothing done) when snapshots are off
-        or the request holds no KV.
+        Returns the blocks, the index below which blocks were freed, and the
+        tokens computed before the request's last step (``None`` if unknown).
         """
-        blocks = self.req_to_blocks.get(request_id)
-        if self.snapshots.capacity <= 0 or not blocks or not tokens:
-            return False
-        held = _cdiv(len(tokens), self.block_size)
         blocks = self.pop_blocks_for_free(request_id)
         self.block_pool.free_blocks(reversed(blocks[held:]))  # past the computed tokens
-        self.snapshots.add(
-            tokens,
-            request_salt,
-            source_request_id=request_id,
-            last_step_start=self._stream_tokens.pop(request_id, len(tokens)),
-            blocks=tuple(blocks[:held]),
-            freed_until=self._freed_until.pop(request_id, 1),
-            release=self._release,
-        )
-        return True
-
-    def _release(self, snapshot: Snapshot) -> None:
-        """Return a snapshot's blocks to the pool's free queue, readable until reused."""
-        live = [block for block in snapshot.blocks if not block.is_null]
-        self.block_pool.unpin_blocks(live, self._on_block_reuse)
-
-    def _on_block_reuse(self, block: KVCacheBlock) -> None:
-        self.snapshots.block_reused(block.block_id)
+        freed_until = self._freed_until.pop(request_id, 1)
+        last_step_start = self._stream_tokens.pop(request_id, None)
+        return tuple(blocks[:held]), freed_until, last_step_start
 
     def _has_partial_local_hit(self, new_computed_blocks, num_local_computed_tokens) -> bool:
         # A snapshot is used once: its last block is written in place, no copy.
@@ -174,52 +201,141 @@ class StreamingSinkManager(SingleTypeKVCacheManager):
         num_local_computed_tokens: int,
         num_external_computed_tokens: int,
     ) -> None:
-        """Hand the snapshot the scheduler found as this request's cache hit to the request.
+        """Hand this group's blocks of the snapshot the scheduler found to the request.
 
         The hit may stop short of the snapshot's end (inside its last step):
         blocks past the hit stay free.
         """
+        group = self.kv_cache_group_id
         snapshot = self.snapshots.owner_of(new_computed_blocks[0])
         if snapshot is None or not (
             snapshot.last_step_start <= num_local_computed_tokens <= snapshot.num_tokens
             and tuple(new_computed_blocks)
-            == self.snapshots.blocks_for(snapshot, num_local_computed_tokens)
+            == self.snapshots.blocks_for(snapshot, num_local_computed_tokens)[group]
         ):
             raise RuntimeError(f"vllm-sink: no snapshot for the cache hit of {request_id}")
-        self.snapshots.take(snapshot)
+        self.snapshots.hand_over(snapshot, group)
         self.block_pool.touch([block for block in new_computed_blocks if not block.is_null])
         req_blocks = self.req_to_blocks[request_id]
         assert not req_blocks, "a snapshot goes to a request that holds no blocks yet"
         req_blocks.extend(new_computed_blocks)
         self.num_cached_block[request_id] = len(req_blocks)
-        self._freed_until[request_id] = snapshot.freed_until
+        self._freed_until[request_id] = snapshot.freed_until[group]
         # Free what the stream evicts before its first step as this request.
         self.remove_skipped_blocks(request_id, num_local_computed_tokens)
-
-    @property
-    def has_streams(self) -> bool:
-        return bool(self._stream_tokens)
-
-    def figures(self) -> dict[str, int]:
-        """This group's figures for ``/metrics`` (:data:`vllm_sink.metrics.FIELDS`), O(streams)."""
-        lengths = list(self._stream_tokens.values())
-        evicted = [self.policy.evicted_blocks(n) for n in lengths]
-        resident_tokens = [n - e * self.policy.block_size for n, e in zip(lengths, evicted)]
-        return {
-            "streams": len(lengths),
-            "streams_evicting": sum(e > 0 for e in evicted),
-            "evicted_blocks": self.num_evicted_blocks,
-            "resident_blocks": sum(self.resident_blocks(r) for r in self._stream_tokens),
-            "resident_tokens": sum(resident_tokens),
-            "max_resident_tokens": max(resident_tokens, default=0),
-            "longest_stream_tokens": max(lengths, default=0),
-            "blocks_per_stream_limit": self.policy.max_resident_blocks,
-        }
 
     @classmethod
     def find_longest_cache_hit(cls, *args, **kwargs):
         """Abstract in the base class; vLLM calls it only with prefix caching on."""
         raise NotImplementedError("vllm-sink streams run with prefix caching off")
+
+
+class StreamingSinkManager(_StreamingManager):
+    """Full-attention layers: the head block (sinks) + the window; evicted blocks freed.
+
+    The newest evicted block is kept one eviction longer (see
+    :meth:`SinkWindowPolicy.freeable_block_range`).
+    """
+
+    def max_blocks_per_stream(self, spec: _StreamingSpec) -> int:
+        return self.policy.max_resident_blocks
+
+    def first_held_block(self, num_computed_tokens: int) -> int:
+        return max(1, self.policy.freeable_block_range(num_computed_tokens)[1])
+
+
+class StreamingSlidingManager(_StreamingManager):
+    """Sliding-window layers: the head block + the blocks the layer's window still reads."""
+
+    def max_blocks_per_stream(self, spec: _StreamingSpec) -> int:
+        assert isinstance(spec, StreamingSlidingSpec)
+        return self.policy.sliding_max_resident_blocks(spec.sliding_window)
+
+    def first_held_block(self, num_computed_tokens: int) -> int:
+        sliding_window = self.kv_cache_spec.sliding_window  # type: ignore[attr-defined]
+        return self.policy.sliding_first_held_block(num_computed_tokens, sliding_window)
+
+
+class StreamingManagers:
+    """The scheduler's view of an engine's streaming groups: one sink group, any sliding ones."""
+
+    def __init__(self, managers: Sequence[SingleTypeKVCacheManager]) -> None:
+        if not all(isinstance(m, _StreamingManager) for m in managers):
+            kinds = sorted({type(m).__name__ for m in managers})
+            raise RuntimeError(f"vllm-sink: KV cache groups of other kinds: {kinds}")
+        self.groups: list[_StreamingManager] = list(managers)  # type: ignore[arg-type]
+        (self.sinks,) = (m for m in self.groups if isinstance(m, StreamingSinkManager))
+        self.block_pool = self.sinks.block_pool
+        self.snapshots = self.sinks.snapshots
+
+    def enable_snapshots(self, capacity: int, salt: bytes) -> None:
+        self.snapshots = SnapshotStore(capacity, self.sinks.block_size, salt)
+        for manager in self.groups:
+            manager.snapshots = self.snapshots
+
+    def keep_snapshot(self, request_id: str, tokens: Sequence[int], request_salt: str) -> bool:
+        """Keep a finished request's blocks as a snapshot of ``tokens`` (its computed tokens).
+
+        Instead of freeing them; ``False`` (nothing done) when snapshots are
+        off or the request holds no KV.
+        """
+        if (
+            self.snapshots.capacity <= 0
+            or not tokens
+            or not all(m.req_to_blocks.get(request_id) for m in self.groups)
+        ):
+            return False
+        held = _cdiv(len(tokens), self.sinks.block_size)
+        taken = [m.pop_snapshot_blocks(request_id, held) for m in self.groups]
+        self.snapshots.add(
+            tokens,
+            request_salt,
+            source_request_id=request_id,
+            last_step_start=len(tokens) if taken[0][2] is None else taken[0][2],
+            blocks=tuple(blocks for blocks, _, _ in taken),
+            freed_until=tuple(freed for _, freed, _ in taken),
+            release=self._release,
+        )
+        return True
+
+    def _release(self, snapshot: Snapshot) -> None:
+        """Return a snapshot's blocks to the pool's free queue, readable until reused."""
+        live = [block for group in snapshot.blocks for block in group if not block.is_null]
+        self.block_pool.unpin_blocks(live, self._on_block_reuse)
+
+    def _on_block_reuse(self, block: KVCacheBlock) -> None:
+        self.snapshots.block_reused(block.block_id)
+
+    @property
+    def has_streams(self) -> bool:
+        return bool(self.sinks._stream_tokens)
+
+    def figures(self) -> dict[str, int]:
+        """The figures for ``/metrics`` (:data:`vllm_sink.metrics.FIELDS`), O(streams).
+
+        Blocks are counted in every group (a block of any group is one page of
+        the pool); tokens are the sink group's, which holds the most of them.
+        """
+        sinks = self.sinks
+        lengths = list(sinks._stream_tokens.values())
+        evicted = [sinks.policy.evicted_blocks(n) for n in lengths]
+        resident_tokens = [n - e * sinks.policy.block_size for n, e in zip(lengths, evicted)]
+        return {
+            "streams": len(lengths),
+            "streams_evicting": sum(e > 0 for e in evicted),
+            "evicted_blocks": sum(m.num_evicted_blocks for m in self.groups),
+            "resident_blocks": sum(
+                m.resident_blocks(r) for m in self.groups for r in sinks._stream_tokens
+            ),
+            "resident_tokens": sum(resident_tokens),
+            "max_resident_tokens": max(resident_tokens, default=0),
+            "longest_stream_tokens": max(lengths, default=0),
+            "blocks_per_stream_limit": sum(m.max_admission_blocks_per_request for m in self.groups),
+        }
+
+    @property
+    def peak_resident_blocks(self) -> int:
+        return sum(m.peak_resident_blocks for m in self.groups)
 
 
 def _register_streaming_spec() -> None:
@@ -232,9 +348,11 @@ def _register_streaming_spec() -> None:
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
     register_builtin_specs()
-    KVCacheSpecRegistry.register(
-        StreamingSinkSpec, StreamingSinkManager, uniform_type_base_spec=StreamingSinkSpec
-    )
+    for spec, manager in (
+        (StreamingSinkSpec, StreamingSinkManager),
+        (StreamingSlidingSpec, StreamingSlidingManager),
+    ):
+        KVCacheSpecRegistry.register(spec, manager, uniform_type_base_spec=spec)
 
 
 _register_streaming_spec()

@@ -23,7 +23,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 
 from vllm_sink.config import streaming_policy, streaming_settings
 from vllm_sink.metrics import StreamingBoard, engine_key
-from vllm_sink.scheduler.kv_cache import StreamingSinkManager
+from vllm_sink.scheduler.kv_cache import StreamingManagers
 from vllm_sink.scheduler.snapshots import resume_source
 from vllm_sink.scheduler.vllm_scheduler import (
     computed_tokens,
@@ -43,12 +43,10 @@ class StreamingSchedulerMixin:
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         config = self.vllm_config
-        # One KV cache group: the worker refuses models with any other kind of layer.
-        (self.streaming_manager,) = (
-            m for m in single_type_managers(self) if isinstance(m, StreamingSinkManager)
-        )
+        # The worker gives every layer a streaming spec (or refuses the model).
+        self.streaming = StreamingManagers(single_type_managers(self))
         policy = streaming_policy(config)
-        self.streaming_manager.enable_snapshots(
+        self.streaming.enable_snapshots(
             streaming_settings(config).snapshots, engine_salt(config.model_config.model, policy)
         )
         self.snapshot_hits = self.snapshot_misses = self.snapshot_tokens_skipped = 0
@@ -65,7 +63,7 @@ class StreamingSchedulerMixin:
             request.is_finished()
             and resumable(request)
             and self._request_blocks_can_be_freed(request)
-            and self.streaming_manager.keep_snapshot(
+            and self.streaming.keep_snapshot(
                 request.request_id, computed_tokens(request), request_salt(request)
             )
         ):
@@ -74,7 +72,7 @@ class StreamingSchedulerMixin:
 
     def _get_local_prefix_cache_hit(self, request):
         hit = super()._get_local_prefix_cache_hit(request)  # none: vLLM's prefix cache is off
-        snapshots = self.streaming_manager.snapshots
+        snapshots = self.streaming.snapshots
         found = None
         if len(snapshots) and resumable(request) and not request.skip_reading_prefix_cache:
             # At least the last prompt token is computed again, for its logits.
@@ -84,8 +82,8 @@ class StreamingSchedulerMixin:
         if found is None:
             return hit
         snapshot, length = found
-        blocks = snapshots.blocks_for(snapshot, length)
-        return self.kv_cache_manager.create_kv_cache_blocks((list(blocks),)), length, 0, False
+        blocks = tuple(list(group) for group in snapshots.blocks_for(snapshot, length))
+        return self.kv_cache_manager.create_kv_cache_blocks(blocks), length, 0, False
 
     def schedule(self, *args, **kwargs):
         output = super().schedule(*args, **kwargs)
@@ -110,11 +108,11 @@ class StreamingSchedulerMixin:
         return finished
 
     def streaming_figures(self) -> dict[str, int]:
-        manager = self.streaming_manager
+        streaming = self.streaming
         return {
-            **manager.figures(),
-            "snapshots": len(manager.snapshots),
-            "snapshot_blocks": manager.snapshots.num_blocks,
+            **streaming.figures(),
+            "snapshots": len(streaming.snapshots),
+            "snapshot_blocks": streaming.snapshots.num_blocks,
             "snapshot_hits": self.snapshot_hits,
             "snapshot_misses": self.snapshot_misses,
             "snapshot_tokens_skipped": self.snapshot_tokens_skipped,
@@ -129,7 +127,7 @@ class StreamingSchedulerMixin:
         if self._board is None:
             return
         now = time.monotonic()
-        idle = not self.streaming_manager.has_streams
+        idle = not self.streaming.has_streams
         if when_due and not idle and now - self._published_at < PUBLISH_INTERVAL_S:
             return
         self._published_at = now

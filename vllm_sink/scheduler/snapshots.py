@@ -61,10 +61,10 @@ class Snapshot:
     """The key of the first :attr:`last_step_start` tokens."""
     last_step_tokens: tuple[int, ...]
     """The tokens the last step computed (``N - last_step_start`` of them)."""
-    blocks: tuple[Any, ...]
-    """The request's KV blocks, null placeholders where blocks were evicted."""
-    freed_until: int
-    """Block index below which the scheduler had freed the request's blocks."""
+    blocks: tuple[tuple[Any, ...], ...]
+    """The request's KV blocks in each KV cache group, null placeholders where freed."""
+    freed_until: tuple[int, ...]
+    """Per group, the block index below which the request's blocks were freed."""
 
     def resumable_length(self, tokens: Sequence[int], max_tokens: int) -> int:
         """Tokens of ``tokens`` (whose first :attr:`last_step_start` match) it can resume."""
@@ -91,6 +91,8 @@ class SnapshotStore:
         self.salt = salt
         self._by_key: OrderedDict[bytes, Snapshot] = OrderedDict()
         self._key_of_block: dict[int, bytes] = {}
+        self._handed_over: dict[bytes, set[int]] = {}
+        """Groups whose blocks a snapshot being resumed has handed over so far."""
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -109,8 +111,8 @@ class SnapshotStore:
         request_salt: str,
         source_request_id: str,
         last_step_start: int,
-        blocks: tuple[Any, ...],
-        freed_until: int,
+        blocks: tuple[tuple[Any, ...], ...],
+        freed_until: tuple[int, ...],
         release: Callable[[Snapshot], None],
     ) -> None:
         """Keep the snapshot of a stream over ``tokens``; the oldest goes if the store is full.
@@ -134,9 +136,8 @@ class SnapshotStore:
             freed_until,
         )
         self._by_key[key] = snapshot
-        for block in blocks:
-            if not block.is_null:
-                self._key_of_block[block.block_id] = key
+        for block in _live(blocks):
+            self._key_of_block[block.block_id] = key
         release(snapshot)
 
     def find(
@@ -161,23 +162,32 @@ class SnapshotStore:
                     best = (snapshot, length)
         return best
 
-    def blocks_for(self, snapshot: Snapshot, length: int) -> tuple[Any, ...]:
-        """The snapshot's blocks that hold its first ``length`` tokens."""
-        return snapshot.blocks[: -(-length // self.block_size)]
+    def blocks_for(self, snapshot: Snapshot, length: int) -> tuple[tuple[Any, ...], ...]:
+        """The snapshot's blocks that hold its first ``length`` tokens, in each group."""
+        held = -(-length // self.block_size)
+        return tuple(group[:held] for group in snapshot.blocks)
 
     def owner_of(self, block: Any) -> Snapshot | None:
         """The snapshot whose blocks include ``block``."""
         key = self._key_of_block.get(block.block_id)
         return None if key is None else self._by_key.get(key)
 
-    def take(self, snapshot: Snapshot) -> None:
-        """Hand ``snapshot`` to the request that resumes it (it leaves the store)."""
-        self.drop(snapshot.key)
+    def hand_over(self, snapshot: Snapshot, group: int) -> None:
+        """Group ``group``'s blocks go to the request that resumes ``snapshot``.
+
+        It leaves the store once every group has handed its blocks over (the
+        KV managers do so one after the other, in the same scheduler call).
+        """
+        handed = self._handed_over.setdefault(snapshot.key, set())
+        handed.add(group)
+        if len(handed) == len(snapshot.blocks):
+            self.drop(snapshot.key)
 
     def drop(self, key: bytes) -> Snapshot:
         snapshot = self._by_key.pop(key)
-        for block in snapshot.blocks:
-            if not block.is_null and self._key_of_block.get(block.block_id) == key:
+        self._handed_over.pop(key, None)
+        for block in _live(snapshot.blocks):
+            if self._key_of_block.get(block.block_id) == key:
                 del self._key_of_block[block.block_id]
         return snapshot
 
@@ -186,3 +196,7 @@ class SnapshotStore:
         key = self._key_of_block.get(block_id)
         if key is not None and key in self._by_key:
             self.drop(key)
+
+
+def _live(blocks: tuple[tuple[Any, ...], ...]) -> list[Any]:
+    return [block for group in blocks for block in group if not block.is_null]

@@ -16,6 +16,13 @@ forward pass. Cache index ``i`` holds RoPE position ``i + offset`` (see
 The newest evicted block is still owned by the request (the scheduler frees it
 one eviction later), so the copy never reads a block that another request may
 already have written.
+
+The sliding-window layers of a hybrid model (their own KV cache groups, see
+:class:`~vllm_sink.scheduler.kv_cache.StreamingSlidingManager`) never attend
+the sinks once a stream evicts (the streaming window holds their whole
+window), and their group frees blocks as soon as their window has passed: in
+such a group only the blocks the group still holds are written, the head
+tail only while its source block is held (the layers still read those keys).
 """
 
 from __future__ import annotations
@@ -32,12 +39,29 @@ from vllm_sink.worker.cpu_attn_layout import PagedKV
 Layers = list[tuple[PagedKV, PagedKV, RopeDeltas]]
 
 
+@dataclass(frozen=True)
+class LayerGroup:
+    """The layers of one KV cache group (one block row per stream)."""
+
+    layers: Layers
+    sliding_window: int | None = None
+    """The window the layers attend on their own; ``None``: sinks + the streaming window."""
+
+    def max_resident_blocks(self, policy: SinkWindowPolicy) -> int:
+        """Most blocks one stream holds in this group."""
+        if self.sliding_window is None:
+            return policy.max_resident_blocks
+        return policy.sliding_max_resident_blocks(self.sliding_window)
+
+
 @dataclass
 class EvictionPlan:
-    """All evictions of one step, batched across requests."""
+    """All evictions of one step in one KV cache group, batched across requests."""
 
     period_blocks: int
     """Evictions between re-rotations of the window (``R / bs``)."""
+    sliding_window: int | None = None
+    """The group's own window (:attr:`LayerGroup.sliding_window`)."""
     streams: list[StreamState] = field(default_factory=list)
     head_blocks: list[int] = field(default_factory=list)
     tail_source_blocks: list[int] = field(default_factory=list)
@@ -48,7 +72,7 @@ class EvictionPlan:
     window_deltas: list[int] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.head_blocks)
+        return bool(self.head_blocks or self.window_blocks)
 
     def add(
         self,
@@ -59,26 +83,33 @@ class EvictionPlan:
     ) -> int:
         """Plan one stream's eviction; returns its new shift (evicted tokens).
 
-        ``view_row`` is the stream's compact block row *before* this eviction:
-        ``[head, first window block, ...]``, block ``c >= 1`` holding absolute
-        block ``c + stream.shift / bs``. The caller moves ``stream.shift`` on.
+        ``view_row`` is the stream's compact block row in this group *before*
+        this eviction: ``[head, first window block, ...]``, block ``c >= 1``
+        holding absolute block ``c + stream.shift / bs``. The caller moves
+        ``stream.shift`` on.
         """
         shift_before = stream.shift
         shift = policy.position_shift(num_computed_tokens)
         if shift <= shift_before:
             return shift_before
-        dropped = (shift - shift_before) // policy.block_size
+        bs = policy.block_size
+        dropped = (shift - shift_before) // bs
         offset_before = policy.rope_offset(shift_before, self.period_blocks)
         offset = policy.rope_offset(shift, self.period_blocks)
         rebase = shift - shift_before + offset_before - offset
-        self.streams.append(stream)
-        self.head_blocks.append(int(view_row[0]))
-        self.tail_source_blocks.append(int(view_row[dropped]))
-        self.rebase_deltas.append(rebase)
-        self.sink_offsets.append(offset)
+        first_held = 0  # the row's first block after the head the group still holds
+        if self.sliding_window is not None:
+            first_held = policy.sliding_first_held_block(num_computed_tokens, self.sliding_window)
+            first_held -= shift_before // bs
+        if dropped >= first_held:
+            self.streams.append(stream)
+            self.head_blocks.append(int(view_row[0]))
+            self.tail_source_blocks.append(int(view_row[dropped]))
+            self.rebase_deltas.append(rebase)
+            self.sink_offsets.append(offset)
         if rebase:
-            last_computed = (num_computed_tokens - shift_before - 1) // policy.block_size
-            kept = [int(b) for b in view_row[dropped + 1 : last_computed + 1]]
+            last_computed = (num_computed_tokens - shift_before - 1) // bs
+            kept = [int(b) for b in view_row[max(dropped + 1, first_held) : last_computed + 1]]
             self.window_blocks.extend(kept)
             self.window_deltas.extend([rebase] * len(kept))
         return shift
@@ -120,16 +151,16 @@ def apply_eviction_plan(plan: EvictionPlan, layers: Layers, policy: SinkWindowPo
     rebase = as_long(plan.rebase_deltas)
     sink_moves = -as_long(plan.sink_offsets)  # from position s to s + offset
     sinks, tail, everything = slice(0, policy.sinks), slice(policy.sinks, None), slice(None)
-    take_first_sink_keys(plan, layers, policy.sinks)
     sinks_at_offset = None
-    if policy.sinks:
+    if policy.sinks and plan.sliding_window is None and plan.streams:
+        take_first_sink_keys(plan, layers, policy.sinks)
         first_sinks = torch.stack([stream.first_sink_keys for stream in plan.streams])
         sinks_at_offset = sinks_rotated(first_sinks, layers, sink_moves)
     for layer, (keys, values, rope) in enumerate(layers):
         if len(window):
             rotated = rope.rotate_back(keys.get(window).to(torch.float32), window_deltas)
             keys.set(window, everything, rotated)
-        if policy.sinks < policy.block_size:
+        if policy.sinks < policy.block_size and len(heads):
             moved = keys.get(sources, tail)
             if bool(rebase.any()):
                 moved = rope.rotate_back(moved.to(torch.float32), rebase)

@@ -22,7 +22,10 @@ length, and every per-request buffer stays as small as the cache:
 * a request may continue a finished stream (a snapshot, see :meth:`_resume`),
   and a streaming-input session (vLLM's ``StreamingInput``) is one stream
   across its inputs: its state stays here while it waits for the next one;
-* each layer's spec becomes a :class:`~vllm_sink.scheduler.kv_cache.StreamingSinkSpec`.
+* each full-attention layer's spec becomes a
+  :class:`~vllm_sink.scheduler.kv_cache.StreamingSinkSpec`, each sliding-window
+  layer's of a hybrid model a :class:`~vllm_sink.scheduler.kv_cache.StreamingSlidingSpec`:
+  a stream has one block row per KV cache group, all in the same compact layout.
 
 Each stream's state is one :class:`~vllm_sink.core.stream_state.StreamState`;
 everything read or written in vLLM's runner, batch and request objects goes
@@ -46,11 +49,12 @@ from vllm_sink.config import StreamingConfigError, streaming_policy, streaming_s
 from vllm_sink.core.policy import SinkWindowPolicy
 from vllm_sink.core.rerotation import RopeDeltas
 from vllm_sink.core.stream_state import StreamState
-from vllm_sink.scheduler.kv_cache import StreamingSinkSpec
+from vllm_sink.scheduler.kv_cache import StreamingSinkSpec, StreamingSlidingSpec
 from vllm_sink.worker import vllm_runner as runner_api
 from vllm_sink.worker.cpu_attn_layout import PagedKV, PageLayout
 from vllm_sink.worker.eviction import (
     EvictionPlan,
+    LayerGroup,
     apply_eviction_plan,
     sink_keys_at_offset_zero,
 )
@@ -96,33 +100,45 @@ class StreamingModelRunnerMixin:
         return streaming_policy(self.vllm_config)
 
     def get_kv_cache_spec(self) -> dict[str, KVCacheSpec]:
-        """Every layer streams: one KV cache group, one policy.
+        """Every layer streams under one policy.
 
-        A sliding-window layer (Gemma 3's local layers) is kept like a global
-        one, as vLLM keeps it with its hybrid KV cache manager off, and
-        attends only its own window: its attention masks by distance within
-        the stream's view, where the window's tokens are contiguous. The
-        streaming window must hold that whole window (checked at start-up), so
-        the sinks stay out of it.
+        A sliding-window layer (Gemma 3's local layers) attends only its own
+        window: its attention masks by distance within the stream's view,
+        where the window's tokens are contiguous. The streaming window must
+        hold that whole window (checked at start-up), so the sinks stay out of
+        it. Beside full-attention layers, sliding-window layers get their own
+        KV cache groups, which hold only that window (vLLM's hybrid KV cache
+        manager); where that manager is off, or full-attention layers
+        outnumber them (vLLM would split the full-attention layers over
+        several groups), they are kept like full-attention layers.
         """
         specs = super().get_kv_cache_spec()
         policy = self.sink_policy
+        windows = {name: getattr(spec, "sliding_window", None) for name, spec in specs.items()}
+        num_sliding = sum(window is not None for window in windows.values())
+        hybrid = (
+            not self.vllm_config.scheduler_config.disable_hybrid_kv_cache_manager
+            and 0 < len(specs) - num_sliding <= num_sliding
+        )
         converted: dict[str, KVCacheSpec] = {}
         for name, spec in specs.items():
-            sliding = isinstance(spec, SlidingWindowSpec) or getattr(spec, "sliding_window", None)
+            window = windows[name]
             supported = (
                 type(spec) in (FullAttentionSpec, SlidingWindowSpec)
                 and not getattr(spec, "attention_chunk_size", None)
-                and (not sliding or spec.sliding_window <= policy.window)
+                and (window is None or window <= policy.window)
             )
             if not supported:
                 raise StreamingConfigError(
                     f"vllm-sink streams full-attention layers and sliding-window layers whose "
                     f"window fits the streaming window ({policy.window}); layer {name} has "
                     f"{type(spec).__name__}"
-                    + (f" with sliding_window={spec.sliding_window}" if sliding else "")
+                    + (f" with sliding_window={window}" if window is not None else "")
                 )
-            converted[name] = StreamingSinkSpec.from_attention(spec, policy)
+            if hybrid and isinstance(spec, SlidingWindowSpec):
+                converted[name] = StreamingSlidingSpec.from_attention(spec, policy)
+            else:
+                converted[name] = StreamingSinkSpec.from_attention(spec, policy)
         return converted
 
     def load_model(self, *args, **kwargs) -> None:
@@ -166,31 +182,40 @@ class StreamingModelRunnerMixin:
         )
         runner_api.add_logits_processor(self, StreamMinTokens(self._rows_below_min_tokens))
         layers = get_layers_from_vllm_config(self.vllm_config, Attention)
-        spec = kv_cache_config.kv_cache_groups[0].kv_cache_spec
-        layout = None
-        self._streaming_layers: list[tuple[PagedKV, PagedKV, RopeDeltas]] = []
-        for name, layer in layers.items():
-            kv_cache = layer.kv_cache
-            if layout is None:
-                layout = PageLayout.probe_cpu_attn(
-                    spec.block_size, spec.head_size, kv_cache.dtype, layer.isa
-                )
-            self._streaming_layers.append(
+        self._layer_groups: list[LayerGroup] = []
+        for group in kv_cache_config.kv_cache_groups:
+            spec = group.kv_cache_spec
+            first = layers[group.layer_names[0]]
+            layout = PageLayout.probe_cpu_attn(
+                spec.block_size, spec.head_size, first.kv_cache.dtype, first.isa
+            )
+            kv = [
                 (
-                    PagedKV.keys_of(kv_cache, layout),
-                    PagedKV.values_of(kv_cache, layout),
+                    PagedKV.keys_of(layers[name].kv_cache, layout),
+                    PagedKV.values_of(layers[name].kv_cache, layout),
                     self._streaming_ropes[name],
                 )
-            )
-        per_stream = policy.max_resident_blocks * spec.page_size_bytes * len(layers)
+                for name in group.layer_names
+            ]
+            sliding = spec.sliding_window if isinstance(spec, StreamingSlidingSpec) else None
+            self._layer_groups.append(LayerGroup(kv, sliding))
+        (self._sink_group,) = (
+            i for i, group in enumerate(self._layer_groups) if group.sliding_window is None
+        )
+        blocks = [group.max_resident_blocks(policy) for group in self._layer_groups]
+        page_bytes = kv_cache_config.kv_cache_groups[0].kv_cache_spec.page_size_bytes
+        per_stream = sum(
+            n * page_bytes * len(group.layers) for n, group in zip(blocks, self._layer_groups)
+        )
         logger.info(
-            "vllm-sink: KV memory per stream at most %.1f MiB (%d blocks); the pool of %d "
-            "blocks holds %d full-size streams at once; a stream's window keys are "
-            "re-rotated once every %d evictions",
+            "vllm-sink: KV memory per stream at most %.1f MiB (%d blocks in %d KV cache "
+            "group(s)); the pool of %d blocks holds %d full-size streams at once; a stream's "
+            "window keys are re-rotated once every %d evictions",
             per_stream / 2**20,
-            policy.max_resident_blocks,
+            sum(blocks),
+            len(blocks),
             kv_cache_config.num_blocks,
-            (kv_cache_config.num_blocks - 1) // policy.max_resident_blocks,
+            (kv_cache_config.num_blocks - 1) // sum(blocks),
             self._rebase_period_blocks,
         )
 
@@ -199,7 +224,7 @@ class StreamingModelRunnerMixin:
         streams = self._streams
         for req_id in scheduler_output.finished_req_ids:
             self._keep_finished(req_id, streams.pop(req_id, None))
-        resumed: list[tuple[str, list[int], int]] = []
+        resumed: list[tuple[str, runner_api.Rows, int]] = []
         for new_req in scheduler_output.scheduled_new_reqs:
             assert new_req.prompt_token_ids is not None, "streams take token prompts"
             req_id, prompt_len = new_req.req_id, len(new_req.prompt_token_ids)
@@ -216,12 +241,13 @@ class StreamingModelRunnerMixin:
                 self._awaiting_min_tokens.add(req_id)
             source = None if session else runner_api.resumed_from(new_req)
             if session or source is not None:
-                row = runner_api.new_block_row(new_req)
+                rows = runner_api.new_block_rows(new_req)
                 if source is not None:
-                    self._resume(stream, row, *source)
+                    self._resume(stream, rows, *source)
                 else:
-                    runner_api.drop_evicted_blocks(row, stream.shift // self.sink_policy.block_size)
-                resumed.append((req_id, row, new_req.num_computed_tokens))
+                    evicted = stream.shift // self.sink_policy.block_size
+                    runner_api.drop_evicted_blocks(rows, evicted)
+                resumed.append((req_id, rows, new_req.num_computed_tokens))
         # Evict before vLLM appends this step's new blocks to the rows: a row
         # then never holds more than the cache.
         moved = self._evict(scheduler_output.scheduled_cached_reqs, resumed)
@@ -252,23 +278,24 @@ class StreamingModelRunnerMixin:
             self._finished_streams.pop(next(iter(self._finished_streams)))
 
     def _resume(
-        self, stream: StreamState, row: list[int], source_id: str, last_step_start: int
+        self, stream: StreamState, rows: runner_api.Rows, source_id: str, last_step_start: int
     ) -> None:
         """Give a new request the state of the stream it continues (the scheduler's snapshot).
 
-        ``row`` is the request's block row as the scheduler holds it, null
-        placeholders where blocks were evicted; it is compacted into the view.
+        ``rows`` are the request's block rows as the scheduler holds them, null
+        placeholders where blocks were freed; they are compacted into the view.
         """
         policy = self.sink_policy
         stream.shift = policy.position_shift(last_step_start)
-        runner_api.drop_evicted_blocks(row, stream.shift // policy.block_size)
+        runner_api.drop_evicted_blocks(rows, stream.shift // policy.block_size)
         finished = self._finished_streams.pop(source_id, None)
         if finished is not None:
             stream.first_sink_keys = finished.first_sink_keys
         elif stream.shift and policy.sinks:
             offset = policy.rope_offset(stream.shift, self._rebase_period_blocks)
+            sink_group = self._sink_group
             stream.first_sink_keys = sink_keys_at_offset_zero(
-                self._streaming_layers, row[0], policy.sinks, offset
+                self._layer_groups[sink_group].layers, rows[sink_group][0], policy.sinks, offset
             )
 
     def _prepare_inputs(self, scheduler_output: SchedulerOutput, num_scheduled_tokens: np.ndarray):
@@ -289,30 +316,42 @@ class StreamingModelRunnerMixin:
             runner_api.add_to_positions(self, offsets, num_scheduled_tokens)
         return outputs
 
-    def _evict(self, cached: CachedRequestData, resumed: list[tuple[str, list[int], int]]) -> bool:
+    def _evict(
+        self, cached: CachedRequestData, resumed: list[tuple[str, runner_api.Rows, int]]
+    ) -> bool:
         """Carry out this step's evictions and move each stream's view along.
 
         ``resumed``: new requests that continue a cached stream, a snapshot or
-        a streaming-input session's next input (id, block row, computed
+        a streaming-input session's next input (id, block rows, computed
         tokens), not yet in the batch; their rows are compacted here.
         """
         policy = self.sink_policy
-        plan = EvictionPlan(self._rebase_period_blocks)
+        plans = [
+            EvictionPlan(self._rebase_period_blocks, group.sliding_window)
+            for group in self._layer_groups
+        ]
+
+        def plan_eviction(stream: StreamState, rows: runner_api.Rows, computed: int) -> int:
+            shifts = {plan.add(policy, stream, row, computed) for plan, row in zip(plans, rows)}
+            (shift,) = shifts  # the same in every group
+            return shift
+
         moved: list[tuple[str, int]] = []
         for req_id, computed in zip(cached.req_ids, cached.num_computed_tokens):
             if req_id in cached.resumed_req_ids:
                 self._restart_view(req_id, cached.all_token_ids)
                 continue
             stream = self._streams[req_id]
-            shift = plan.add(policy, stream, runner_api.block_row(self, req_id), computed)
+            shift = plan_eviction(stream, runner_api.block_rows(self, req_id), computed)
             if shift != stream.shift:
                 moved.append((req_id, shift))
-        resumed_shifts = [plan.add(policy, self._streams[r], row, n) for r, row, n in resumed]
-        if plan:
-            apply_eviction_plan(plan, self._streaming_layers, policy)
-        for (req_id, row, _), shift in zip(resumed, resumed_shifts):
+        resumed_shifts = [plan_eviction(self._streams[r], rows, n) for r, rows, n in resumed]
+        for plan, group in zip(plans, self._layer_groups):
+            if plan:
+                apply_eviction_plan(plan, group.layers, policy)
+        for (req_id, rows, _), shift in zip(resumed, resumed_shifts):
             stream = self._streams[req_id]
-            runner_api.drop_evicted_blocks(row, (shift - stream.shift) // policy.block_size)
+            runner_api.drop_evicted_blocks(rows, (shift - stream.shift) // policy.block_size)
             stream.shift = shift
         for req_id, shift in moved:
             stream = self._streams[req_id]

@@ -36,15 +36,18 @@ if TYPE_CHECKING:
 Runner = Any
 """A ``GPUModelRunner`` (or ``CPUModelRunner``) instance."""
 
+Rows = tuple[list[int], ...]
+"""A request's block ids, one row per KV cache group (vLLM's ``block_ids``)."""
+
 
 # ------------------------------------------------------------------ reads
 def request_state(runner: Runner, req_id: str) -> CachedRequestState:
     return runner.requests[req_id]
 
 
-def block_row(runner: Runner, req_id: str) -> list[int]:
-    """The request's block ids in its (single) KV cache group, as the runner holds them."""
-    return runner.requests[req_id].block_ids[0]
+def block_rows(runner: Runner, req_id: str) -> Rows:
+    """The request's block rows, as the runner holds them."""
+    return runner.requests[req_id].block_ids
 
 
 def batch_req_ids(runner: Runner) -> list[str]:
@@ -85,9 +88,9 @@ def resumed_from(new_request: Any) -> tuple[str, int] | None:
     return resume_source(new_request.sampling_params)
 
 
-def new_block_row(new_request: Any) -> list[int]:
-    """A new request's block ids (single KV cache group), the list vLLM's runner will hold."""
-    return new_request.block_ids[0]
+def new_block_rows(new_request: Any) -> Rows:
+    """A new request's block rows, the lists vLLM's runner will hold."""
+    return new_request.block_ids
 
 
 # ----------------------------------------------------------------- writes
@@ -163,9 +166,10 @@ def project_computed_counts(runner: Runner, streams: Mapping[str, StreamState]) 
         runner.input_batch.num_computed_tokens_cpu[i] = computed - streams[req_id].shift
 
 
-def drop_evicted_blocks(row: list[int], count: int) -> None:
-    """Take ``count`` evicted blocks out of a block row, right after its head block."""
-    del row[1 : 1 + count]
+def drop_evicted_blocks(rows: Rows, count: int) -> None:
+    """Take ``count`` evicted blocks out of each block row, right after its head block."""
+    for row in rows:
+        del row[1 : 1 + count]
 
 
 def project_prompt_count(runner: Runner, req_id: str, view: StreamView) -> None:
@@ -188,7 +192,7 @@ def project_view_move(
     state (:func:`compact_request`).
     """
     state = runner.requests[req_id]
-    drop_evicted_blocks(state.block_ids[0], (view.shift - before.shift) // block_size)
+    drop_evicted_blocks(state.block_ids, (view.shift - before.shift) // block_size)
     newly_dropped = view.dropped_outputs - before.dropped_outputs
     first = view.first_droppable_output
     del state.output_token_ids[first : first + newly_dropped]
@@ -198,11 +202,11 @@ def project_view_move(
     i = batch_row(runner, req_id)
     if i is None:
         return
-    blocks = batch.block_table[0]
-    held_blocks = len(state.block_ids[0])
-    blocks.block_table.np[i, :held_blocks] = state.block_ids[0]
-    blocks.block_table.np[i, held_blocks : blocks.num_blocks_per_row[i]] = 0
-    blocks.num_blocks_per_row[i] = held_blocks
+    for group, row in enumerate(state.block_ids):
+        blocks = batch.block_table[group]
+        blocks.block_table.np[i, : len(row)] = row
+        blocks.block_table.np[i, len(row) : blocks.num_blocks_per_row[i]] = 0
+        blocks.num_blocks_per_row[i] = len(row)
 
     width = batch.token_ids_cpu.shape[1]
     held = min(view.resident_prompt_len + len(state.output_token_ids), width)
