@@ -50,7 +50,8 @@ def measure(disable_hybrid: bool, batch: list[list[int]], args) -> dict:
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
     config = scheduler.kv_cache_config
-    bytes_per_block = sum(t.size for t in config.kv_cache_tensors) / config.num_blocks
+    group = config.kv_cache_groups[0]  # every group has as many layers, pages of one size
+    bytes_per_block = group.kv_cache_spec.page_size_bytes * len(group.layer_names)
     params = SamplingParams(max_tokens=args.decode, temperature=0, logprobs=0, ignore_eos=True)
     for i, prompt in enumerate(batch):
         engine.add_request(str(i), {"prompt_token_ids": prompt}, params)
