@@ -97,7 +97,6 @@ def prepare_engine_args(args: EngineArgs) -> None:
     refusals = {
         "speculative decoding": args.speculative_config,
         "a quantized KV cache (--kv-cache-dtype)": args.kv_cache_dtype not in ("auto", None),
-        "tensor parallelism": (args.tensor_parallel_size or 1) > 1,
         "pipeline parallelism": (args.pipeline_parallel_size or 1) > 1,
         "data parallelism": (args.data_parallel_size or 1) > 1,
         "--no-enable-chunked-prefill (long prompts stream through chunks)": (
