@@ -105,6 +105,11 @@ def engine_config(model, **kwargs):
             {"data_parallel_size": 2},
             "data parallelism",
         ),
+        (
+            {"streaming_sinks": 4, "streaming_window": 64},
+            {"pipeline_parallel_size": 2},
+            "pipeline parallelism .* use --tensor-parallel-size",
+        ),
         ({"streaming_sinks": 4}, {"enable_prompt_embeds": True}, "--enable-prompt-embeds"),
         ({"streaming_sinks": 4}, {"enable_prefix_caching": True}, "--enable-prefix-caching"),
         ({"streaming_sinks": 4}, {"max_model_len": 2**62}, "--max-model-len .* leave it out"),
