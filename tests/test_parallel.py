@@ -69,3 +69,50 @@ def test_tensor_parallel_server_streams_gemma3_like_the_reference(gemma3, tmp_pa
     errors = (got - expected[len(prompt) - 1 :]).abs()
     print(f"Gemma 3, TP=2 server: max |logprob - reference| {errors.max():.2e}")
     assert errors.max() < 1e-3
+
+
+def test_data_parallel_server_streams_on_either_engine(tiny_llama, smollm2, tmp_path):
+    """``--data-parallel-size 2``: two independent engines, streams on both, each engine's
+    figures on ``/metrics``. Prompts short enough that a stream evicts only while decoding
+    (one token a step), so each stream's steps are a lone stream's whatever its company."""
+    import concurrent.futures
+
+    import requests
+
+    from vllm_sink_dev.reference import StreamingLlamaReference
+    from vllm_sink_dev.serve import metric_samples, vllm_serve
+
+    # The tiny Llama with SmolLM2's tokenizer (its 512 ids are SmolLM2's first 512):
+    # the server needs one to give logprobs.
+    model = tmp_path / "tiny-llama-tokenizer"
+    model.mkdir()
+    files = [*tiny_llama.iterdir(), *smollm2.glob("tokenizer*")]
+    for file in files:
+        (model / file.name).symlink_to(file.resolve())
+    flags = ["--streaming-sinks", str(SINKS), "--streaming-window", str(WINDOW),
+             "--block-size", str(BLOCK), "--max-num-batched-tokens", str(CHUNK),
+             "--data-parallel-size", "2",
+             "--api-server-count", "1"]  # fmt: skip
+    prompts = [random_prompt(60, seed=90 + i) for i in range(6)]
+    with vllm_serve(model, flags, tmp_path / "server.log", 1,
+                    {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}) as server:  # fmt: skip
+
+        def complete(prompt: list[int]) -> dict:
+            reply = requests.post(f"{server.url}/v1/completions", timeout=300, json={
+                "model": server.model, "prompt": prompt, "max_tokens": 250, "temperature": 0,
+                "logprobs": 0, "return_token_ids": True, "ignore_eos": True,
+            })  # fmt: skip
+            assert reply.status_code == 200, reply.text
+            return reply.json()["choices"][0]
+
+        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+            choices = list(pool.map(complete, prompts))
+        samples = metric_samples(server.url)
+    evicted = {k: v for k, v in samples.items() if k.startswith("vllm_sink:evicted_blocks_total")}
+    assert len(evicted) == 2 and all(v > 0 for v in evicted.values()), evicted  # both engines
+    ref = StreamingLlamaReference(tiny_llama)
+    for prompt, choice in zip(prompts, choices):
+        tokens = prompt + choice["token_ids"]
+        expected = reference_logprobs(ref, tokens, SINKS, WINDOW, BLOCK, len(prompt), CHUNK)
+        got = torch.tensor(choice["logprobs"]["token_logprobs"])
+        assert (got - expected[len(prompt) - 1 :]).abs().max() < 1e-3

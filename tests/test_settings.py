@@ -102,11 +102,6 @@ def engine_config(model, **kwargs):
         ),
         (
             {"streaming_sinks": 4, "streaming_window": 64},
-            {"data_parallel_size": 2},
-            "data parallelism",
-        ),
-        (
-            {"streaming_sinks": 4, "streaming_window": 64},
             {"pipeline_parallel_size": 2},
             "pipeline parallelism .* use --tensor-parallel-size",
         ),

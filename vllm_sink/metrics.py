@@ -222,11 +222,25 @@ _collector: StreamingCollector | None = None
 
 
 def serve_streaming_metrics(instance_id: str, model_name: str) -> None:
-    """Expose an engine's boards on this process's ``/metrics`` (the front end)."""
+    """Expose an engine's boards on this process's ``/metrics`` (the front end).
+
+    With several API server processes (``--api-server-count``, which defaults
+    to ``--data-parallel-size``), vLLM serves ``/metrics`` from prometheus_client's
+    multiprocess files, which a collector cannot join: the figures are left out,
+    with a warning saying how to get them.
+    """
     global _collector
     if _collector is None:
         from prometheus_client import REGISTRY
 
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from vllm.logger import init_logger
+
+            init_logger("vllm.vllm_sink").warning(
+                "vllm-sink: the streaming figures are not on /metrics with several API "
+                "server processes; pass --api-server-count 1 to have them (with "
+                "--data-parallel-size, one per engine)"
+            )
         _collector = StreamingCollector()
         REGISTRY.register(_collector)
         atexit.register(_collector.remove_boards)

@@ -89,6 +89,9 @@ INTERNALS: tuple[Internal, ...] = (
         Internal(SCHEDULER, "Scheduler", name, "attribute", (), "scheduler.scheduler")
         for name in ("kv_cache_manager", "log_stats", "vllm_config")
     ),
+    # The engine's DP rank, which a non-MoE DP engine keeps only here (its board's name).
+    Internal("vllm.config.parallel", "ParallelConfig", "data_parallel_index", "field", (),
+             "scheduler.scheduler"),
     # Snapshots: a finished request's blocks kept, and handed over as a cache hit.
     Internal(SCHEDULER, "Scheduler", "_free_request_blocks", "method", ("request",),
              "scheduler.scheduler"),

@@ -100,7 +100,6 @@ def prepare_engine_args(args: EngineArgs) -> None:
         "pipeline parallelism (a later stage's worker writes the tokens the scheduler "
         "sends at their place in the whole stream, past its compact view; use "
         "--tensor-parallel-size)": (args.pipeline_parallel_size or 1) > 1,
-        "data parallelism": (args.data_parallel_size or 1) > 1,
         "--no-enable-chunked-prefill (long prompts stream through chunks)": (
             args.enable_chunked_prefill is False
         ),

@@ -53,7 +53,9 @@ class StreamingSchedulerMixin:
         self._board: StreamingBoard | None = None
         self._published_at = 0.0
         if self.log_stats:
-            engine = config.parallel_config.data_parallel_rank
+            # The engine's DP rank as vLLM's front end labels it (a non-MoE DP
+            # engine runs as DP=1, its ``data_parallel_rank`` reset to 0).
+            engine = config.parallel_config.data_parallel_index
             self._board = StreamingBoard.create(engine_key(config.instance_id, engine))
             self.publish_streaming_figures()
 
