@@ -124,3 +124,60 @@ def test_sink_keys_moved_back_to_offset_zero_match_keys_computed_there(neox):
     for layer, u_layer in enumerate(u):
         expected = at_positions(neox, u_layer, list(range(sinks))).transpose(0, 1)
         assert torch.allclose(rebuilt[layer], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("sinks", [0, 4])
+@pytest.mark.parametrize("chunk", [1, 5])
+@pytest.mark.parametrize("window", [20, 40])  # the head's tail still attended, or never
+def test_a_sliding_window_group_writes_only_blocks_it_holds(sinks, chunk, window):
+    """A sliding-window layer's group frees blocks its window has passed, and another
+    stream may write them at once: evictions must never write them, while every key the
+    layer still attends keeps its RoPE position, across window re-rotations."""
+    block, sliding = 8, 20
+    policy = SinkWindowPolicy(sinks, window, block, max_chunk_tokens=chunk)
+    period = 3
+    rope = rope_table(policy.max_cached_tokens + 2 * block, neox=True)
+    token_dim = torch.arange(block).view(-1, 1) * HEAD + torch.arange(HEAD).view(1, -1)
+    layout = PageLayout(token_dim, block * HEAD + token_dim, 2 * block * HEAD)
+    cache = torch.zeros(200, HEADS, block, 2 * HEAD)
+    layers = [(PagedKV.keys_of(cache, layout), PagedKV.values_of(cache, layout), rope)]
+    keys = layers[0][0]
+    tokens = torch.randn(400, HEADS, HEAD, generator=torch.Generator().manual_seed(2))
+    stream = StreamState(prompt_len=300)
+    row: list[int] = []  # the compact block row; freed blocks keep their (stale) ids
+    freed: dict[int, torch.Tensor] = {}  # physical block -> what the other stream wrote
+    shift, n, rebases = 0, 0, 0
+    while n < 300:
+        # The scheduler frees what the layer's window has passed; another stream writes it.
+        first_held = policy.sliding_first_held_block(n, sliding)
+        for absolute in range(1, first_held):
+            index = absolute - shift // block
+            if index >= 1 and row[index] not in freed:
+                cache[row[index]] = torch.randn(cache[row[index]].shape)
+                freed[row[index]] = cache[row[index]].clone()
+        plan = EvictionPlan(period, sliding_window=sliding)
+        new_shift = plan.add(policy, stream, row, n)
+        if plan:
+            rebases += bool(plan.window_blocks)
+            apply_eviction_plan(plan, layers, policy)
+        del row[1 : 1 + (new_shift - shift) // block]
+        shift = stream.shift = new_shift
+        offset = shift // block % period * block
+        for t in range(n, n + chunk):
+            index = t - shift
+            if index // block == len(row):
+                row.append(len(row) + 1 + shift // block)
+            where = (torch.tensor([row[index // block]]), slice(index % block, index % block + 1))
+            key = at_positions(True, tokens[t : t + 1], [index + offset])
+            keys.set(*where, key.view(1, HEADS, 1, HEAD))
+        n += chunk
+        assert all(torch.equal(cache[b], kept) for b, kept in freed.items())  # never written
+        attended = range(max(sinks, n - sliding, 0), n)  # the last query's window, sinks aside
+        if not attended:
+            continue
+        indices = [a - shift for a in attended]
+        in_cache = keys.get(torch.tensor(row)).transpose(1, 2).flatten(0, 1)
+        expected = at_positions(True, tokens[list(attended)], [i + offset for i in indices])
+        assert (in_cache[indices] - expected).abs().max() < 1e-5, n
+    assert rebases >= 3
+    assert freed or window == sliding  # with W = sliding, only the refill's source is freed
