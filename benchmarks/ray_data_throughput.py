@@ -30,6 +30,23 @@ EXAMPLE = REPO / "examples" / "ray_data_long_documents.py"
 CELLS = {"1 replica x 1 core": (1, 1), "2 replicas x 1 core": (2, 1), "1 replica x 2 cores": (1, 2)}
 
 
+def run_showing_progress(command: list[str], label: str) -> list[str]:
+    """Run the example, echoing Ray Data's progress when it changes; its output lines."""
+    lines, shown = [], ""
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as child:
+        for line in child.stdout:
+            lines.append(line.rstrip("\n"))
+            progress = line.strip().rpartition(" -- ")[2]
+            if progress.startswith("Total Progress") and progress != shown:
+                print(f"  {label}: {progress}", flush=True)
+                shown = progress
+    if child.returncode != 0:
+        raise RuntimeError(f"{label} failed:\n" + "\n".join(lines[-40:]))
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--documents", type=int, default=8)
@@ -45,10 +62,8 @@ def main() -> None:
                 "--tokens", str(args.tokens), "--replicas", str(replicas),
                 "--threads", str(threads), "--output", out,
             ]  # fmt: skip
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"{label} failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
-            summary = json.loads(done.stdout.strip().splitlines()[-1])
+            lines = run_showing_progress(command, label)
+            summary = json.loads(next(x for x in reversed(lines) if x.startswith('{"documents"')))
             ppl = sorted(
                 json.loads(line)["perplexity"]
                 for path in sorted(Path(out).glob("*.json"))

@@ -11,7 +11,8 @@ the cache holds only sinks + window) and a greedy continuation, as JSON lines.
 
 The replicas share this machine's cores: each engine runs its OpenMP threads unbound
 (``VLLM_CPU_OMP_THREADS_BIND=nobind``, ``--threads`` each), because vLLM's automatic
-binding would put every replica on the same core. The last line printed is a JSON
+binding would put every replica on the same core, and computes in its engine core
+process (no separate worker process). The last line printed is a JSON
 summary (documents, tokens, seconds, tokens/s).
 """
 
@@ -72,11 +73,18 @@ def build_processor(args: argparse.Namespace):
                 "VLLM_CPU_KVCACHE_SPACE": str(args.kv_gib),
                 "VLLM_CPU_OMP_THREADS_BIND": "nobind",
                 "OMP_NUM_THREADS": str(args.threads),
+                # The worker inside the engine core process: with vLLM's mp executor each
+                # engine keeps a second process polling its worker, which takes CPU time
+                # from the other replicas on a small machine.
+                "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
             }
         },
         concurrency=(args.replicas, args.replicas),
+        # One document per batch, and no more documents sent to an engine than it streams
+        # at once: queued at one replica, a long document would wait while another idles.
         batch_size=1,
-        max_concurrent_batches=max(1, args.max_num_seqs),
+        max_concurrent_batches=args.max_num_seqs,
+        max_tasks_in_flight_per_actor=args.max_num_seqs,
         accelerator_type=None,
         chat_template_stage=False,
         tokenize_stage=False,  # token ids come from the driver

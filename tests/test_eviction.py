@@ -44,33 +44,35 @@ def at_positions(neox: bool, u: torch.Tensor, positions: list[int]) -> torch.Ten
     return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2).float()
 
 
-@pytest.mark.parametrize("sinks", [0, 2, 8])
-@pytest.mark.parametrize("spare_positions", [0, 20, 150])
-@pytest.mark.parametrize("chunk", [1, 5])
-@pytest.mark.parametrize(
-    "styles", [(True, False), (True, True), (False, False)], ids=["two-tables", "neox", "gptj"]
-)
-def test_resident_keys_keep_their_positions(sinks, spare_positions, chunk, styles):
-    block = 8
-    policy = SinkWindowPolicy(sinks, 24, block, max_chunk_tokens=chunk)
+Layer = tuple[object, object]
+"""A layer's keys and values: anything with ``get(blocks, slots)`` and ``set(blocks, slots, x)``
+over ``[blocks, heads, slots, head]``, as :class:`PagedKV` has."""
+
+
+def assert_evictions_keep_key_positions(
+    layers: list[Layer],
+    styles: tuple[bool, ...],
+    block: int,
+    sinks: int,
+    spare_positions: int,
+    chunk: int,
+    window_blocks: int = 3,
+) -> None:
+    """Stream through evictions in ``layers`` (layer ``i`` rotary style ``styles[i]``):
+    after every step each resident key is the key computed afresh at its cache index."""
+    window = window_blocks * block
+    prompt = window + 30 * block - 4  # physical blocks up to about window_blocks + 40
+    policy = SinkWindowPolicy(sinks, window, block, max_chunk_tokens=chunk)
     rope_positions = policy.max_cached_tokens + spare_positions
     period = policy.rebase_period_blocks(rope_positions)
     assert policy.max_position + (period - 1) * block < rope_positions
     tables = {neox: rope_table(rope_positions, neox) for neox in set(styles)}
-    ropes = [tables[neox] for neox in styles]  # layers of one style share a table
-    num_blocks = 200
-    token_dim = torch.arange(block).view(-1, 1) * HEAD + torch.arange(HEAD).view(1, -1)
-    layout = PageLayout(token_dim, block * HEAD + token_dim, 2 * block * HEAD)
-    caches = [torch.zeros(num_blocks, HEADS, block, 2 * HEAD) for _ in ropes]
-    layers = [
-        (PagedKV.keys_of(c, layout), PagedKV.values_of(c, layout), rope)
-        for c, rope in zip(caches, ropes)
-    ]
-    tokens = torch.randn(400, HEADS, HEAD, generator=torch.Generator().manual_seed(0))
-    stream = StreamState(prompt_len=260)
+    layers = [(keys, values, tables[neox]) for (keys, values), neox in zip(layers, styles)]
+    tokens = torch.randn(prompt + chunk, HEADS, HEAD, generator=torch.Generator().manual_seed(0))
+    stream = StreamState(prompt_len=prompt)
     row: list[int] = []  # the compact block row
     shift, n, rebases = 0, 0, 0
-    while n < 260:
+    while n < prompt:
         plan = EvictionPlan(period)
         new_shift = plan.add(policy, stream, row, n)
         if plan:
@@ -104,6 +106,22 @@ def test_resident_keys_keep_their_positions(sinks, spare_positions, chunk, style
     # around: once every ``period`` evicted blocks.
     if period > 1:
         assert rebases == shift // block // period
+
+
+@pytest.mark.parametrize("sinks", [0, 2, 8])
+@pytest.mark.parametrize("spare_positions", [0, 20, 150])
+@pytest.mark.parametrize("chunk", [1, 5])
+@pytest.mark.parametrize(
+    "styles", [(True, False), (True, True), (False, False)], ids=["two-tables", "neox", "gptj"]
+)
+def test_resident_keys_keep_their_positions(sinks, spare_positions, chunk, styles):
+    """CPU_ATTN pages (a plain strided packing), two layers."""
+    block = 8
+    token_dim = torch.arange(block).view(-1, 1) * HEAD + torch.arange(HEAD).view(1, -1)
+    layout = PageLayout(token_dim, block * HEAD + token_dim, 2 * block * HEAD)
+    caches = [torch.zeros(200, HEADS, block, 2 * HEAD) for _ in styles]
+    layers = [(PagedKV.keys_of(c, layout), PagedKV.values_of(c, layout)) for c in caches]
+    assert_evictions_keep_key_positions(layers, styles, block, sinks, spare_positions, chunk)
 
 
 @pytest.mark.parametrize("neox", [True, False], ids=["neox", "gptj"])
