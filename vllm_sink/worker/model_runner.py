@@ -60,6 +60,7 @@ from vllm_sink.worker.eviction import (
 )
 from vllm_sink.worker.input_batch import StreamingInputBatch
 from vllm_sink.worker.min_tokens import StreamMinTokens
+from vllm_sink.worker.self_check import CacheCheckError, check_eviction_in_cache
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
@@ -154,6 +155,7 @@ class StreamingModelRunnerMixin:
             if layer.impl.alibi_slopes is not None:
                 raise StreamingConfigError("vllm-sink does not support ALiBi models yet")
         rotary = find_rotary_modules(self.get_model(), set(layers))
+        self._rotary_modules = rotary
         deltas = {id(m): RopeDeltas.from_rotary_module(m) for m in rotary.values()}
         self._streaming_ropes = {name: deltas[id(m)] for name, m in rotary.items()}
         rope_positions = min(len(d.cos) for d in deltas.values())
@@ -199,6 +201,17 @@ class StreamingModelRunnerMixin:
             ]
             sliding = spec.sliding_window if isinstance(spec, StreamingSlidingSpec) else None
             self._layer_groups.append(LayerGroup(kv, sliding))
+            name = group.layer_names[0]
+            try:  # any block: none holds a stream yet
+                check_eviction_in_cache(
+                    layers[name], self._rotary_modules[name], *kv[0], 1, spec.block_size
+                )
+            except CacheCheckError as error:
+                raise StreamingConfigError(
+                    f"vllm-sink's start-up check of layer {name}'s KV cache "
+                    f"({layers[name].get_attn_backend().get_name()}) failed: {error}; "
+                    "streaming would give wrong text with this backend or model"
+                ) from error
         (self._sink_group,) = (
             i for i, group in enumerate(self._layer_groups) if group.sliding_window is None
         )
