@@ -5,8 +5,10 @@
 * ``input_batch``, ``min_tokens``, ``seeded_sampling``: the runner's pieces that
   replace one piece of vLLM's behaviour each;
 * ``eviction``: carrying out an eviction in the paged cache, backend-independent;
-* ``cpu_attn_layout``: where the CPU_ATTN backend keeps each key and value (the
-  one backend adapter so far);
+* ``cpu_attn_layout``: where the CPU_ATTN backend keeps each key and value;
+  ``gpu_kv_layout``: the same for the GPU backends (their one logical view, any
+  ``KVCacheLayout``, scheduler blocks over several kernel blocks);
+* ``self_check``: the start-up check that a re-rotation in the cache is right;
 * ``vllm_runner``: the one door to vLLM's runner, batch and request state, and
   the one place a stream's view is written into them (see ``vllm_internals``).
 """

@@ -57,9 +57,7 @@ def check_eviction_in_cache(
     slots = torch.arange(block_size, device=device)
     at_shift, at_zero = (_rotated(rotary, raw, slots + start) for start in (shift, 0))
     try:
-        layer.impl.do_kv_cache_update(
-            layer, at_shift, value, cache, block_id * block_size + slots
-        )
+        layer.impl.do_kv_cache_update(layer, at_shift, value, cache, block_id * block_size + slots)
         _expect("written keys", _slot_major(keys.get(block)), at_shift)
         _expect("written values", _slot_major(values.get(block)), value)
         moves = torch.tensor([shift], device=device)
@@ -85,6 +83,4 @@ def _expect(what: str, got: torch.Tensor, expected: torch.Tensor) -> None:
     scale = expected.float().abs().max().clamp(min=1e-6)
     error = float((got.float() - expected.float()).abs().max() / scale)
     if error > max(1e-3, 8 * torch.finfo(expected.dtype).eps):  # a misplaced key is off by ~1
-        raise CacheCheckError(
-            f"{what} differ from the expected ones by {error:.2e} of their scale"
-        )
+        raise CacheCheckError(f"{what} differ from the expected ones by {error:.2e} of their scale")
