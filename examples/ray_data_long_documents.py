@@ -12,8 +12,8 @@ the cache holds only sinks + window) and a greedy continuation, as JSON lines.
 The replicas share this machine's cores: each engine runs its OpenMP threads unbound
 (``VLLM_CPU_OMP_THREADS_BIND=nobind``, ``--threads`` each), because vLLM's automatic
 binding would put every replica on the same core, and computes in its engine core
-process (no separate worker process). The last line printed is a JSON
-summary (documents, tokens, seconds, tokens/s).
+process (no separate worker process). The last line printed is a JSON summary
+(documents, tokens, seconds, tokens/s).
 """
 
 from __future__ import annotations

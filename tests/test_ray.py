@@ -45,7 +45,8 @@ def load_example(name: str):
 
 
 def run_example(name: str, args: list[str], log: Path, timeout: float) -> str:
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    # RAY_DEDUP_LOGS=0: every replica's start-up line, not one for all.
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "RAY_DEDUP_LOGS": "0"}
     with open(log, "w") as out:
         done = subprocess.run(
             [sys.executable, str(EXAMPLES / f"{name}.py"), *args],

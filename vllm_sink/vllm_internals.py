@@ -154,6 +154,18 @@ INTERNALS: tuple[Internal, ...] = (
     # Elsewhere.
     Internal("vllm.v1.worker.cpu_worker", "CPUWorker", "init_device", "method", (),
              "worker.cpu_worker"),
+    Internal("vllm.v1.worker.gpu_worker", "Worker", "_make_model_runner", "method", (),
+             "worker.gpu_worker"),
+    Internal("vllm.v1.worker.gpu_worker", "Worker", "use_v2_model_runner", "attribute", (),
+             "worker.gpu_worker"),
+    *(
+        Internal(f"vllm.v1.attention.backends.{module}", impl, "do_kv_cache_update", "method",
+                 ("layer", "key", "value", "kv_cache", "slot_mapping"), "worker.self_check")
+        for module, impl in (
+            ("cpu_attn", "CPUAttentionBackendImpl"), ("flash_attn", "FlashAttentionImpl"),
+            ("triton_attn", "TritonAttentionImpl"), ("flex_attention", "FlexAttentionImpl"),
+        )
+    ),
     Internal("vllm.v1.engine.input_processor", "InputProcessor", "process_inputs", "method",
              ("request_id", "prompt", "params"), "patches.default_max_tokens"),
     Internal("vllm.v1.engine.async_llm", "AsyncLLM", "shutdown", "method", (),

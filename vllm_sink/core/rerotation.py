@@ -18,6 +18,7 @@ would give a plain engine with that limit.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -52,11 +53,16 @@ class RopeDeltas:
             is_neox_style=bool(getattr(rotary, "is_neox_style", True)),
         )
 
+    def to(self, device: torch.device | str) -> RopeDeltas:
+        """The same table on ``device`` (the KV cache's)."""
+        return dataclasses.replace(self, cos=self.cos.to(device), sin=self.sin.to(device))
+
     def rotate_back(self, keys: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
         """Rotate ``keys[i, ...]`` (float32, last dim = head size) by ``-deltas[i]``.
 
         A negative delta moves keys to a later position.
         """
+        deltas = deltas.to(self.cos.device)
         magnitude = deltas.abs()
         cos = self.cos[magnitude]
         sin = -self.sin[magnitude] * deltas.sign().unsqueeze(-1).to(self.sin.dtype)

@@ -29,6 +29,7 @@ from vllm.logger import init_logger
 from vllm_sink.config import UNLIMITED_STREAM_LEN, StreamingConfigError, streaming_policy
 from vllm_sink.frontend.limits import default_max_tokens, trained_positions
 from vllm_sink.frontend.model_support import model_refusal, window_refusal
+from vllm_sink.frontend.platforms import GPU_WORKER, prepare_cuda_args, streaming_worker
 from vllm_sink.metrics import serve_streaming_metrics
 
 if TYPE_CHECKING:
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
 
 logger = init_logger("vllm.vllm_sink")
 
-CPU_WORKER = "vllm_sink.worker.cpu_worker.StreamingCPUWorker"
 SCHEDULER = "vllm_sink.scheduler.scheduler.StreamingScheduler"
 
 
@@ -71,6 +71,7 @@ def create_streaming_engine_config(
 
 def prepare_engine_args(args: EngineArgs) -> None:
     import vllm
+    import vllm.envs as envs
     from vllm.platforms import current_platform
 
     from vllm_sink import SUPPORTED_VLLM, __version__
@@ -80,13 +81,12 @@ def prepare_engine_args(args: EngineArgs) -> None:
             f"vllm-sink {__version__} supports vLLM {SUPPORTED_VLLM[0]}.{SUPPORTED_VLLM[1]}"
             f".x; this is vLLM {vllm.__version__}"
         )
-    if not current_platform.is_cpu():
-        raise StreamingConfigError(
-            "vllm-sink streaming runs on vLLM's CPU backend in this release; the "
-            f"{current_platform.device_name} path is designed but not built yet. "
-            "Remove --streaming-sinks/--streaming-window to serve without streaming."
-        )
-    if args.worker_cls not in ("auto", CPU_WORKER):
+    worker = streaming_worker(current_platform.device_type, os.environ)
+    if worker == GPU_WORKER:
+        prepare_cuda_args(args, os.environ)
+        if envs._is_envs_cache_enabled():  # it sets VLLM_USE_V2_MODEL_RUNNER
+            envs.__getattr__.cache_clear()
+    if args.worker_cls not in ("auto", worker):
         raise StreamingConfigError(
             f"streaming needs its own worker class; remove --worker-cls {args.worker_cls}"
         )
@@ -118,9 +118,9 @@ def prepare_engine_args(args: EngineArgs) -> None:
             "vllm-sink allows; leave it out and streams have no length limit"
         )
 
-    args.worker_cls = CPU_WORKER
+    args.worker_cls = worker
     args.scheduler_cls = SCHEDULER
-    logger.info("vllm-sink: --worker-cls %s --scheduler-cls %s", CPU_WORKER, SCHEDULER)
+    logger.info("vllm-sink: --worker-cls %s --scheduler-cls %s", worker, SCHEDULER)
     if args.enable_prefix_caching is None:
         logger.info("vllm-sink: prefix caching is off for streams")
         args.enable_prefix_caching = False

@@ -58,6 +58,7 @@ from vllm_sink.worker.eviction import (
     apply_eviction_plan,
     sink_keys_at_offset_zero,
 )
+from vllm_sink.worker.gpu_kv_layout import KernelBlockKV
 from vllm_sink.worker.input_batch import StreamingInputBatch
 from vllm_sink.worker.min_tokens import StreamMinTokens
 from vllm_sink.worker.self_check import CacheCheckError, check_eviction_in_cache
@@ -67,7 +68,25 @@ if TYPE_CHECKING:
 
 logger = init_logger("vllm.vllm_sink")
 
-SUPPORTED_BACKENDS = ("CPU_ATTN",)
+GPU_BACKENDS = ("FLASH_ATTN", "FLASHINFER", "TRITON_ATTN", "FLEX_ATTENTION")
+"""Backends sharing one logical KV view (:mod:`vllm_sink.worker.gpu_kv_layout`)."""
+SUPPORTED_BACKENDS = ("CPU_ATTN", *GPU_BACKENDS)
+
+
+cpu_attn_layout = functools.cache(PageLayout.probe_cpu_attn)
+"""The CPU_ATTN page layout of one (block size, head size, dtype, ISA): probed once."""
+
+
+def layer_kv(layer: Attention, block_size: int) -> tuple[PagedKV | KernelBlockKV, ...]:
+    """A layer's keys and values, read and written as its attention backend lays them out."""
+    cache = layer.kv_cache
+    if layer.get_attn_backend().get_name() == "CPU_ATTN":
+        layout = cpu_attn_layout(block_size, layer.head_size, cache.dtype, layer.isa)
+        return PagedKV.keys_of(cache, layout), PagedKV.values_of(cache, layout)
+    return (
+        KernelBlockKV.keys_of(cache, layer.head_size, block_size),
+        KernelBlockKV.values_of(cache, layer.head_size, block_size),
+    )
 
 
 def find_rotary_modules(
@@ -156,7 +175,7 @@ class StreamingModelRunnerMixin:
                 raise StreamingConfigError("vllm-sink does not support ALiBi models yet")
         rotary = find_rotary_modules(self.get_model(), set(layers))
         self._rotary_modules = rotary
-        deltas = {id(m): RopeDeltas.from_rotary_module(m) for m in rotary.values()}
+        deltas = {id(m): RopeDeltas.from_rotary_module(m).to(self.device) for m in rotary.values()}
         self._streaming_ropes = {name: deltas[id(m)] for name, m in rotary.items()}
         rope_positions = min(len(d.cos) for d in deltas.values())
         self._rebase_period_blocks = self.sink_policy.rebase_period_blocks(rope_positions)
@@ -187,16 +206,8 @@ class StreamingModelRunnerMixin:
         self._layer_groups: list[LayerGroup] = []
         for group in kv_cache_config.kv_cache_groups:
             spec = group.kv_cache_spec
-            first = layers[group.layer_names[0]]
-            layout = PageLayout.probe_cpu_attn(
-                spec.block_size, spec.head_size, first.kv_cache.dtype, first.isa
-            )
             kv = [
-                (
-                    PagedKV.keys_of(layers[name].kv_cache, layout),
-                    PagedKV.values_of(layers[name].kv_cache, layout),
-                    self._streaming_ropes[name],
-                )
+                (*layer_kv(layers[name], spec.block_size), self._streaming_ropes[name])
                 for name in group.layer_names
             ]
             sliding = spec.sliding_window if isinstance(spec, StreamingSlidingSpec) else None

@@ -1,0 +1,58 @@
+"""Which worker each platform gets, and the CUDA opt-in with its settings."""
+
+from __future__ import annotations
+
+import pytest
+from vllm.engine.arg_utils import EngineArgs
+
+from vllm_sink.config import StreamingConfigError
+from vllm_sink.frontend.platforms import (
+    CPU_WORKER,
+    EXPERIMENTAL_CUDA,
+    GPU_WORKER,
+    V2_RUNNER,
+    prepare_cuda_args,
+    streaming_worker,
+)
+
+
+def test_cpu_streams_without_opting_in():
+    assert streaming_worker("cpu", {}) == CPU_WORKER
+
+
+def test_cuda_is_refused_without_the_opt_in_and_says_how():
+    with pytest.raises(StreamingConfigError, match=f"{EXPERIMENTAL_CUDA}=1"):
+        streaming_worker("cuda", {})
+    with pytest.raises(StreamingConfigError, match=f"{EXPERIMENTAL_CUDA}=1"):
+        streaming_worker("cuda", {EXPERIMENTAL_CUDA: "yes"})
+
+
+def test_cuda_with_the_opt_in_gets_the_gpu_worker_which_imports_here():
+    import importlib
+
+    assert streaming_worker("cuda", {EXPERIMENTAL_CUDA: "1"}) == GPU_WORKER
+    module, _, name = GPU_WORKER.rpartition(".")
+    assert hasattr(importlib.import_module(module), name)
+
+
+@pytest.mark.parametrize("device", ["rocm", "tpu", "xpu"])
+def test_other_platforms_are_refused(device):
+    with pytest.raises(StreamingConfigError, match=device):
+        streaming_worker(device, {EXPERIMENTAL_CUDA: "1"})
+
+
+def test_cuda_selects_the_v1_runner_and_turns_async_scheduling_off():
+    args, environ = EngineArgs(model="m"), {}
+    prepare_cuda_args(args, environ)
+    assert environ[V2_RUNNER] == "0"
+    assert args.async_scheduling is False
+
+
+@pytest.mark.parametrize(
+    ("environ", "async_scheduling", "message"),
+    [({V2_RUNNER: "1"}, None, V2_RUNNER), ({}, True, "--async-scheduling")],
+)
+def test_cuda_refuses_what_streaming_cannot_run_with(environ, async_scheduling, message):
+    args = EngineArgs(model="m", async_scheduling=async_scheduling)
+    with pytest.raises(StreamingConfigError, match=message):
+        prepare_cuda_args(args, environ)
