@@ -56,3 +56,13 @@ def test_cuda_refuses_what_streaming_cannot_run_with(environ, async_scheduling, 
     args = EngineArgs(model="m", async_scheduling=async_scheduling)
     with pytest.raises(StreamingConfigError, match=message):
         prepare_cuda_args(args, environ)
+
+
+def test_the_gpu_worker_refuses_the_v2_runner():
+    """Its ``_make_model_runner`` (vLLM's override point) builds V1 only."""
+    from vllm_sink.worker.gpu_worker import StreamingGPUWorker
+
+    worker = object.__new__(StreamingGPUWorker)  # no device here: only the runner choice
+    worker.use_v2_model_runner = True
+    with pytest.raises(StreamingConfigError, match=V2_RUNNER):
+        worker._make_model_runner()
