@@ -13,13 +13,10 @@ import pytest
 import torch
 from engine_helpers import random_prompt, streaming, tiny_streaming_engine
 from test_engine_streaming import (
-    FP32_TOLERANCE,
+    SMOLLM2_STREAM,
+    assert_smollm2_streams_like_the_reference,
     assert_streams_like_the_reference,
-    reference_logprobs,
-    run,
 )
-
-from vllm_sink_dev.reference import StreamingLlamaReference
 
 pytestmark = [
     pytest.mark.engine,
@@ -56,20 +53,11 @@ def test_tiny_llama_matches_the_reference(tiny_llama, engine_factory, backend, e
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("eager", [True, False], ids=["eager", "cuda-graphs"])
 def test_smollm2_matches_the_reference(smollm2, handbook_tokens, engine_factory, dtype, eager):
-    sinks, window, block, chunk, prompt_len, max_tokens = 4, 252, 32, 128, 600, 150
+    block = 32
     llm = engine_factory(
-        smollm2, dtype=dtype, block_size=block, max_num_batched_tokens=chunk,
-        enforce_eager=eager, gpu_memory_utilization=0.3, **streaming(sinks, window),
+        smollm2, dtype=dtype, block_size=block, max_num_batched_tokens=SMOLLM2_STREAM["chunk"],
+        enforce_eager=eager, gpu_memory_utilization=0.3,
+        **streaming(SMOLLM2_STREAM["sinks"], SMOLLM2_STREAM["window"]),
     )  # fmt: skip
-    prompt = handbook_tokens[:prompt_len]
-    generated, logprobs = run(llm, prompt, max_tokens)
-    ref = StreamingLlamaReference(smollm2)
-    tokens = prompt + generated
-    errors = (
-        logprobs - reference_logprobs(ref, tokens, sinks, window, block, prompt_len, chunk)
-    ).abs()
+    errors = assert_smollm2_streams_like_the_reference(llm, smollm2, handbook_tokens, block, dtype)
     print(f"SmolLM2 {dtype} eager={eager}: mean {errors.mean():.2e}, max {errors.max():.2e}")
-    if dtype == "float32":
-        assert errors.max() < FP32_TOLERANCE
-    else:
-        assert errors.mean() < 0.05 and errors.max() < 0.6

@@ -119,33 +119,42 @@ def test_tiny_llama_matches_reference_through_evictions(
     assert_streams_like_the_reference(llm, model, prompt, max_tokens, sinks, window, block, chunk)
 
 
-@pytest.mark.parametrize(
-    "block,dtype,tolerance",
-    [(32, "float32", FP32_TOLERANCE), (128, "float32", FP32_TOLERANCE), (128, "bfloat16", None)],
-)
-def test_smollm2_matches_reference_through_evictions(
-    smollm2, handbook_tokens, engine_factory, block, dtype, tolerance
-):
-    sinks, window, chunk, prompt_len, max_tokens = 4, 252, 128, 600, 150
-    llm = engine_factory(
-        smollm2,
-        dtype=dtype,
-        block_size=block,
-        max_num_batched_tokens=chunk,
-        **streaming(sinks, window),
-    )
+SMOLLM2_STREAM = dict(sinks=4, window=252, chunk=128, prompt_len=600, max_tokens=150)
+"""The SmolLM2 parity stream: the engine is built with these (and the test's block, dtype)."""
+
+
+def assert_smollm2_streams_like_the_reference(
+    llm, smollm2, handbook_tokens, block: int, dtype: str
+) -> torch.Tensor:
+    """:data:`SMOLLM2_STREAM` through ``llm``: every logprob the reference's. The errors."""
+    sinks, window, chunk, prompt_len, max_tokens = SMOLLM2_STREAM.values()
     prompt = handbook_tokens[:prompt_len]
     generated, logprobs = run(llm, prompt, max_tokens)
     tokens = prompt + generated
     ref = StreamingLlamaReference(smollm2)
     expected = reference_logprobs(ref, tokens, sinks, window, block, prompt_len, chunk)
     errors = (logprobs - expected).abs()
-    if tolerance is not None:
-        assert errors.max() < tolerance
+    if dtype == "float32":
+        assert errors.max() < FP32_TOLERANCE
     else:
         # bf16 engine against the float32 reference: measured noise without any
         # eviction is mean 0.026, max 0.27 on this text.
         assert errors.mean() < 0.05 and errors.max() < 0.6, (errors.mean(), errors.max())
+    return errors
+
+
+@pytest.mark.parametrize("block,dtype", [(32, "float32"), (128, "float32"), (128, "bfloat16")])
+def test_smollm2_matches_reference_through_evictions(
+    smollm2, handbook_tokens, engine_factory, block, dtype
+):
+    llm = engine_factory(
+        smollm2,
+        dtype=dtype,
+        block_size=block,
+        max_num_batched_tokens=SMOLLM2_STREAM["chunk"],
+        **streaming(SMOLLM2_STREAM["sinks"], SMOLLM2_STREAM["window"]),
+    )
+    assert_smollm2_streams_like_the_reference(llm, smollm2, handbook_tokens, block, dtype)
 
 
 def test_block_accounting_over_a_20k_token_stream(tiny_llama, engine_factory):

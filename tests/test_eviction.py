@@ -18,7 +18,12 @@ from vllm_sink.core.policy import SinkWindowPolicy
 from vllm_sink.core.rerotation import RopeDeltas
 from vllm_sink.core.stream_state import StreamState
 from vllm_sink.worker.cpu_attn_layout import PagedKV, PageLayout
-from vllm_sink.worker.eviction import EvictionPlan, apply_eviction_plan, sink_keys_at_offset_zero
+from vllm_sink.worker.eviction import (
+    EvictionPlan,
+    SlotAccess,
+    apply_eviction_plan,
+    sink_keys_at_offset_zero,
+)
 
 HEAD = 8
 HEADS = 2
@@ -44,13 +49,8 @@ def at_positions(neox: bool, u: torch.Tensor, positions: list[int]) -> torch.Ten
     return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2).float()
 
 
-Layer = tuple[object, object]
-"""A layer's keys and values: anything with ``get(blocks, slots)`` and ``set(blocks, slots, x)``
-over ``[blocks, heads, slots, head]``, as :class:`PagedKV` has."""
-
-
 def assert_evictions_keep_key_positions(
-    layers: list[Layer],
+    layers: list[tuple[SlotAccess, SlotAccess]],
     styles: tuple[bool, ...],
     block: int,
     sinks: int,

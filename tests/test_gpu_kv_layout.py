@@ -105,12 +105,25 @@ def layout_cases() -> list:
     return cases
 
 
-def backend_view(kv_cache: torch.Tensor, block: int, slots: torch.Tensor) -> torch.Tensor:
-    """Keys at stream slots ``slots`` (``block id * block + offset``, vLLM's slot mapping),
-    read as the FlashAttention backend reads them: ``[slots, heads, head]``."""
-    key_cache, _ = kv_cache.transpose(1, 2).split(HEAD, dim=-1)  # [kernel blocks, kb, H, D]
+def flash_attention_slots(kv_cache: torch.Tensor, slots: torch.Tensor) -> tuple:
+    """The key and value views the FlashAttention backend splits a layer's cache into
+    (``[kernel blocks, kernel block, heads, head]``), and where stream slots ``slots``
+    (``block id * block + offset``, vLLM's slot mapping) sit in them."""
+    key_cache, value_cache = kv_cache.transpose(1, 2).split(HEAD, dim=-1)
     kernel_block = key_cache.shape[1]
-    return key_cache[slots // kernel_block, slots % kernel_block]
+    return key_cache, value_cache, (slots // kernel_block, slots % kernel_block)
+
+
+def assumed_nhd_keys(cache: torch.Tensor) -> torch.Tensor:
+    """The keys of ``cache`` as if it were laid out NHD (``[block][token][head][content]``),
+    whatever vLLM's strides say: the wrong assumption the checks must catch."""
+    blocks, heads, slots, content = cache.shape
+    return torch.as_strided(
+        cache,
+        size=(blocks, heads, slots, HEAD),
+        stride=(slots * heads * content, content, heads * content, 1),
+        storage_offset=cache.storage_offset(),
+    )
 
 
 def write_and_read_back(cache, keys, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +136,8 @@ def write_and_read_back(cache, keys, block: int) -> tuple[torch.Tensor, torch.Te
     assert torch.equal(keys.get(blocks, slots), data)
     offsets = torch.arange(block)[slots]
     where = (blocks.view(-1, 1) * block + offsets.view(1, -1)).flatten()
-    return data.transpose(1, 2).flatten(0, 1), backend_view(cache, block, where)
+    key_cache, _, slot_index = flash_attention_slots(cache, where)
+    return data.transpose(1, 2).flatten(0, 1), key_cache[slot_index]
 
 
 @pytest.mark.parametrize(("name", "layout", "block"), layout_cases())
@@ -143,14 +157,8 @@ def test_an_assumed_physical_layout_is_caught():
 
     block = 16
     [cache], _ = allocate_layers(backend("FLASH_ATTN"), KVCacheLayout.LBHNC, block, 1)
-    blocks, heads, slots, content = cache.shape
-    assumed = torch.as_strided(  # NHD: [block][token][head][content]
-        cache,
-        size=(blocks, heads, slots, HEAD),
-        stride=(slots * heads * content, content, heads * content, 1),
-        storage_offset=cache.storage_offset(),
-    )
-    written, read = write_and_read_back(cache, KernelBlockKV(assumed, block), block)
+    keys = KernelBlockKV(assumed_nhd_keys(cache), block)
+    written, read = write_and_read_back(cache, keys, block)
     assert not torch.equal(read, written)
 
 

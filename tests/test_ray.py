@@ -26,7 +26,7 @@ from test_engine_streaming import reference_logprobs
 from vllm_sink.metrics import BOARD_PREFIX, BOARD_SUFFIX, board_directory, read_board
 from vllm_sink_dev.paths import REPO, TEXT
 from vllm_sink_dev.reference import StreamingLlamaReference
-from vllm_sink_dev.serve import free_port, with_short_context
+from vllm_sink_dev.serve import free_port, stop, with_short_context
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
 pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'vllm-sink[ray]'")
@@ -143,8 +143,4 @@ def test_ray_serve_conversations_past_the_context_resume_their_streams(smollm2, 
         })  # fmt: skip
         assert response.status_code == 400, response.text
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server, 120)  # the example stops its replicas on SIGTERM

@@ -12,7 +12,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_gpu_kv_layout import HEAD, HEADS, allocate_layers, backend
+from test_gpu_kv_layout import (
+    HEAD,
+    HEADS,
+    allocate_layers,
+    assumed_nhd_keys,
+    backend,
+    flash_attention_slots,
+)
 
 from vllm_sink.core.rerotation import RopeDeltas
 from vllm_sink.worker.gpu_kv_layout import KernelBlockKV
@@ -32,9 +39,7 @@ def vllm_config():
 
 def flash_attention_write(layer, key, value, kv_cache, slot_mapping) -> None:
     """What ``reshape_and_cache_flash`` does, in torch."""
-    key_cache, value_cache = kv_cache.transpose(1, 2).split(HEAD, dim=-1)
-    kernel_block = key_cache.shape[1]
-    where = slot_mapping // kernel_block, slot_mapping % kernel_block
+    key_cache, value_cache, where = flash_attention_slots(kv_cache, slot_mapping)
     key_cache[where] = key.view(-1, HEADS, HEAD)
     value_cache[where] = value.view(-1, HEADS, HEAD)
 
@@ -69,14 +74,7 @@ def test_a_right_view_passes_and_leaves_the_block_as_it_was(layout, neox):
 def test_an_assumed_layout_fails():
     """Keys read as if the cache were NHD when vLLM laid it out HND."""
     layer, rotary = layer_and_rotary("LBHNC")
-    blocks, heads, slots, content = layer.kv_cache.shape
-    assumed = torch.as_strided(
-        layer.kv_cache,
-        size=(blocks, heads, slots, HEAD),
-        stride=(slots * heads * content, content, heads * content, 1),
-        storage_offset=layer.kv_cache.storage_offset(),
-    )
-    keys = KernelBlockKV(assumed, BLOCK)
+    keys = KernelBlockKV(assumed_nhd_keys(layer.kv_cache), BLOCK)
     values = KernelBlockKV.values_of(layer.kv_cache, HEAD, BLOCK)
     rope = RopeDeltas.from_rotary_module(rotary)
     with pytest.raises(CacheCheckError, match="written keys"):

@@ -101,11 +101,16 @@ def vllm_serve(
             raise RuntimeError(f"vllm serve did not become healthy in {STARTUP_TIMEOUT_S} s")
         yield Server(url, log, str(model), process)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop(process, 60)
+
+
+def stop(process: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM, as a user's Ctrl-C or a supervisor would; SIGKILL after ``timeout`` s."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
 def with_short_context(model: Path, context: int, path: Path) -> Path:

@@ -71,7 +71,6 @@ def create_streaming_engine_config(
 
 def prepare_engine_args(args: EngineArgs) -> None:
     import vllm
-    import vllm.envs as envs
     from vllm.platforms import current_platform
 
     from vllm_sink import SUPPORTED_VLLM, __version__
@@ -84,8 +83,7 @@ def prepare_engine_args(args: EngineArgs) -> None:
     worker = streaming_worker(current_platform.device_type, os.environ)
     if worker == GPU_WORKER:
         prepare_cuda_args(args, os.environ)
-        if envs._is_envs_cache_enabled():  # it sets VLLM_USE_V2_MODEL_RUNNER
-            envs.__getattr__.cache_clear()
+        reread_vllm_envs()  # it sets VLLM_USE_V2_MODEL_RUNNER
     if args.worker_cls not in ("auto", worker):
         raise StreamingConfigError(
             f"streaming needs its own worker class; remove --worker-cls {args.worker_cls}"
@@ -136,13 +134,10 @@ def long_streams_allowed() -> Iterator[None]:
     cache (checked in :func:`check_engine_config`), not within the text. Scoped
     so that engines without streaming in the same process keep vLLM's check.
     """
-    import vllm.envs as envs
-
     key = "VLLM_ALLOW_LONG_MAX_MODEL_LEN"
     before = os.environ.get(key)
     os.environ[key] = "1"
-    if envs._is_envs_cache_enabled():
-        envs.__getattr__.cache_clear()
+    reread_vllm_envs()
     try:
         yield
     finally:
@@ -150,8 +145,15 @@ def long_streams_allowed() -> Iterator[None]:
             del os.environ[key]
         else:
             os.environ[key] = before
-        if envs._is_envs_cache_enabled():
-            envs.__getattr__.cache_clear()
+        reread_vllm_envs()
+
+
+def reread_vllm_envs() -> None:
+    """Make ``vllm.envs`` see the environment as it is now (it may cache its reads)."""
+    import vllm.envs as envs
+
+    if envs._is_envs_cache_enabled():
+        envs.__getattr__.cache_clear()
 
 
 def position_overshoot(config: VllmConfig) -> int:

@@ -28,15 +28,28 @@ tail only while its source block is held (the layers still read those keys).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from vllm_sink.core.policy import SinkWindowPolicy
 from vllm_sink.core.rerotation import RopeDeltas
 from vllm_sink.core.stream_state import StreamState
-from vllm_sink.worker.cpu_attn_layout import PagedKV
 
-Layers = list[tuple[PagedKV, PagedKV, RopeDeltas]]
+
+class SlotAccess(Protocol):
+    """A layer's keys or values by block and slot, as its backend lays them out
+    (:class:`~vllm_sink.worker.cpu_attn_layout.PagedKV`,
+    :class:`~vllm_sink.worker.gpu_kv_layout.KernelBlockKV`)."""
+
+    def get(self, blocks: torch.Tensor, slots: slice = ...) -> torch.Tensor:
+        """A copy, ``[len(blocks), heads, slots, head_size]``."""
+        ...
+
+    def set(self, blocks: torch.Tensor, slots: slice, data: torch.Tensor) -> None: ...
+
+
+Layers = list[tuple[SlotAccess, SlotAccess, RopeDeltas]]
 
 
 @dataclass(frozen=True)

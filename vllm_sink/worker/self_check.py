@@ -12,19 +12,10 @@ costs one block per group and milliseconds; the block is restored afterwards.
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 
 from vllm_sink.core.rerotation import RopeDeltas
-
-
-class SlotAccess(Protocol):
-    """A layer's keys or values by block and slot (``PagedKV``, ``KernelBlockKV``)."""
-
-    def get(self, blocks: torch.Tensor, slots: slice = ...) -> torch.Tensor: ...
-
-    def set(self, blocks: torch.Tensor, slots: slice, data: torch.Tensor) -> None: ...
+from vllm_sink.worker.eviction import SlotAccess
 
 
 class CacheCheckError(RuntimeError):
