@@ -12,6 +12,8 @@
 #      and off; float32 and bfloat16), the layout and start-up-check tests;
 #   2. the `vllm serve` smoke test past the context (tests/test_serve.py);
 #   3. the decode benchmark, streaming vs dense over the same cache, batch 1/8/32.
+# Without a package index: wheels for its installs in a folder (PIP_NO_INDEX=1
+# PIP_FIND_LINKS=DIR; not tried) and data/debian-handbook.txt copied over.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv-gpu}

@@ -11,6 +11,8 @@ re-rotations).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -20,6 +22,7 @@ from vllm_sink.core.stream_state import StreamState
 from vllm_sink.worker.cpu_attn_layout import PagedKV, PageLayout
 from vllm_sink.worker.eviction import (
     EvictionPlan,
+    Layers,
     SlotAccess,
     apply_eviction_plan,
     sink_keys_at_offset_zero,
@@ -49,6 +52,28 @@ def at_positions(neox: bool, u: torch.Tensor, positions: list[int]) -> torch.Ten
     return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2).float()
 
 
+def stream_steps(
+    layers: Layers, policy: SinkWindowPolicy, period: int, prompt: int, chunk: int
+) -> Iterator[tuple[EvictionPlan, list[int], int, int]]:
+    """One stream's steps of ``chunk`` tokens as the worker takes them: the step's
+    eviction planned and carried out in ``layers``, the evicted blocks dropped from the
+    compact block row, blocks added for the step's tokens. Yields the plan, the row, the
+    shift and the step's first token; its tokens go to cache index ``t - shift``."""
+    block = policy.block_size
+    stream = StreamState(prompt_len=prompt)
+    row: list[int] = []
+    for n in range(0, prompt, chunk):
+        plan = EvictionPlan(period)
+        shift = plan.add(policy, stream, row, n)
+        if plan:
+            apply_eviction_plan(plan, layers, policy)
+            del row[1 : 1 + (shift - stream.shift) // block]
+        stream.shift = shift
+        while len(row) * block < n + chunk - shift:
+            row.append(len(row) + 1 + shift // block)  # any free physical block
+        yield plan, row, shift, n
+
+
 def assert_evictions_keep_key_positions(
     layers: list[tuple[SlotAccess, SlotAccess]],
     styles: tuple[bool, ...],
@@ -69,38 +94,30 @@ def assert_evictions_keep_key_positions(
     tables = {neox: rope_table(rope_positions, neox) for neox in set(styles)}
     layers = [(keys, values, tables[neox]) for (keys, values), neox in zip(layers, styles)]
     tokens = torch.randn(prompt + chunk, HEADS, HEAD, generator=torch.Generator().manual_seed(0))
-    stream = StreamState(prompt_len=prompt)
-    row: list[int] = []  # the compact block row
-    shift, n, rebases = 0, 0, 0
-    while n < prompt:
-        plan = EvictionPlan(period)
-        new_shift = plan.add(policy, stream, row, n)
-        if plan:
-            rebases += bool(plan.window_blocks)
-            apply_eviction_plan(plan, layers, policy)
-            del row[1 : 1 + (new_shift - shift) // block]
-        shift = stream.shift = new_shift
+    rebases = 0
+    for plan, row, shift, n in stream_steps(layers, policy, period, prompt, chunk):
+        rebases += bool(plan.window_blocks)
         offset = shift // block % period * block  # positions restart every period blocks
         for t in range(n, n + chunk):  # this step's tokens, written as vLLM would
             index = t - shift
-            if index // block == len(row):
-                row.append(len(row) + 1 + shift // block)  # any free physical block
             slot = index % block
             for keys, values, rope in layers:
                 where = (torch.tensor([row[index // block]]), slice(slot, slot + 1))
                 key = at_positions(rope.is_neox_style, tokens[t : t + 1], [index + offset])
                 keys.set(*where, key.view(1, HEADS, 1, HEAD))
                 values.set(*where, tokens[t].view(1, HEADS, 1, HEAD))
-        n += chunk
-        resident = n - shift
+        resident = n + chunk - shift
         held = [t if t < sinks else t + shift for t in range(resident)]
+        blocks = torch.tensor(row)
         for keys, values, rope in layers:
-            in_cache = lambda kv: kv.get(torch.tensor(row)).transpose(1, 2).flatten(0, 1)  # noqa: E731
+            cached_keys, cached_values = (
+                kv.get(blocks).transpose(1, 2).flatten(0, 1)[:resident] for kv in (keys, values)
+            )
             positions = [i + offset for i in range(resident)]
             expected = at_positions(rope.is_neox_style, tokens[held], positions)
-            error = (in_cache(keys)[:resident] - expected).abs().max()
+            error = (cached_keys - expected).abs().max()
             assert error < 1e-5, (n, error)
-            assert torch.equal(in_cache(values)[:resident], tokens[held])
+            assert torch.equal(cached_values, tokens[held])
     assert shift > 10 * block
     # With room in the RoPE table, the window is re-rotated only when the offset wraps
     # around: once every ``period`` evicted blocks.

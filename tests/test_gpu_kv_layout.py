@@ -6,7 +6,8 @@ then ``allocate_kv_cache``), for FLASH_ATTN, TRITON_ATTN, FLEX_ATTENTION and
 FLASHINFER, in every ``KVCacheLayout`` the backend accepts, and with scheduler blocks
 that span several kernel blocks. The stream of ``test_eviction`` then runs through
 :class:`KernelBlockKV`: every resident key must equal the key computed afresh at its
-cache index.
+cache index. On meta-device caches, the same evictions must keep every index and
+rotary table on the cache's device.
 """
 
 from __future__ import annotations
@@ -15,8 +16,18 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_eviction import HEAD, HEADS, assert_evictions_keep_key_positions
+from test_eviction import (
+    HEAD,
+    HEADS,
+    assert_evictions_keep_key_positions,
+    rope_table,
+    stream_steps,
+)
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
+from vllm_sink.core.policy import SinkWindowPolicy
+from vllm_sink.worker.eviction import sink_keys_at_offset_zero
 from vllm_sink.worker.gpu_kv_layout import KernelBlockKV
 
 NUM_BLOCKS = 64
@@ -55,7 +66,9 @@ def backend(name: str):
     return flashinfer_backend([16, 32, 64] if name == "FLASHINFER" else [16])
 
 
-def allocate_layers(backend_class, layout, block: int, layers: int) -> tuple[list, int]:
+def allocate_layers(
+    backend_class, layout, block: int, layers: int, device: str = "cpu"
+) -> tuple[list, int]:
     """Each layer's KV cache as vLLM's GPU model runner allocates it, and the kernel block."""
     from vllm.v1.core.kv_cache_utils import get_kv_cache_config_from_groups
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec
@@ -86,7 +99,7 @@ def allocate_layers(backend_class, layout, block: int, layers: int) -> tuple[lis
         config, [[AttentionGroup(backend_class, names, spec, 0)]]
     )
     try:
-        caches = allocate_kv_cache(config, torch.device("cpu"), layout, [kernel_block])
+        caches = allocate_kv_cache(config, torch.device(device), layout, [kernel_block])
     except ValueError as refusal:  # e.g. a layer-outermost layout with split blocks
         pytest.skip(f"vLLM refuses this cache: {refusal}")
     return [caches[name] for name in names], kernel_block
@@ -184,3 +197,48 @@ def test_resident_keys_keep_their_positions(name, layout, block, sinks, spare_po
         for c in caches
     ]
     assert_evictions_keep_key_positions(layers, styles, block, sinks, spare_positions, chunk=5)
+
+
+class CpuTensorsBesideDevice(TorchDispatchMode):
+    """Notes each op given a CPU tensor beside a tensor on another device (a 0-dim CPU
+    tensor aside: CUDA takes it as a scalar). On a GPU such an op copies and waits for
+    the copy, or fails."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [x for x in tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+        devices = {x.device.type for x in tensors if x.dim() or x.device.type != "cpu"}
+        if "cpu" in devices and len(devices) > 1:
+            self.ops.append(str(func))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("sinks", [0, 4])
+def test_evictions_keep_every_tensor_on_the_cache_device(sinks):
+    """Caches on the meta device (shapes only, and as strict as CUDA about mixing
+    devices), allocated by vLLM for FLASH_ATTN, go through a stream's evictions (the
+    first one's sink copy, refills, window re-rotations) and a resumed stream's sink
+    rebuild: no op may take a CPU index or table beside the cache."""
+    from vllm.v1.kv_cache_layout import KVCacheLayout
+
+    block, chunk = 16, 5
+    caches, _ = allocate_layers(backend("FLASH_ATTN"), KVCacheLayout.LBNHC, block, 2, "meta")
+    policy = SinkWindowPolicy(sinks, 3 * block, block, max_chunk_tokens=chunk)
+    rope_positions = policy.max_cached_tokens + 2 * block
+    period = policy.rebase_period_blocks(rope_positions)
+    rope = rope_table(rope_positions, neox=True).to("meta")
+    layers = [
+        (KernelBlockKV.keys_of(c, HEAD, block), KernelBlockKV.values_of(c, HEAD, block), rope)
+        for c in caches
+    ]
+    with CpuTensorsBesideDevice() as mixing:
+        plans = [plan for plan, *_ in stream_steps(layers, policy, period, 20 * block, chunk)]
+        if sinks:
+            sink_keys_at_offset_zero(layers, 0, sinks, offset=block)
+    assert sum(bool(plan.head_blocks) for plan in plans) > 10
+    assert any(plan.window_blocks for plan in plans)
+    assert mixing.ops == []

@@ -79,7 +79,7 @@ class PagedKV:
     def __init__(self, kv_cache: torch.Tensor, offsets: torch.Tensor, page_elems: int) -> None:
         num_blocks, num_heads = kv_cache.shape[:2]
         block_size, head_size = offsets.shape
-        self.dtype = kv_cache.dtype
+        self.dtype, self.device = kv_cache.dtype, kv_cache.device
         base = int(offsets[0, 0])
         token_stride = int(offsets[1, 0]) - base if block_size > 1 else 0
         dim_stride = int(offsets[0, 1]) - base if head_size > 1 else 0

@@ -40,7 +40,13 @@ from vllm_sink.core.stream_state import StreamState
 class SlotAccess(Protocol):
     """A layer's keys or values by block and slot, as its backend lays them out
     (:class:`~vllm_sink.worker.cpu_attn_layout.PagedKV`,
-    :class:`~vllm_sink.worker.gpu_kv_layout.KernelBlockKV`)."""
+    :class:`~vllm_sink.worker.gpu_kv_layout.KernelBlockKV`).
+
+    Block ids are passed on the cache's ``device``: on a GPU an index left on
+    the CPU costs a copy and a synchronisation at every use.
+    """
+
+    device: torch.device
 
     def get(self, blocks: torch.Tensor, slots: slice = ...) -> torch.Tensor:
         """A copy, ``[len(blocks), heads, slots, head_size]``."""
@@ -133,7 +139,7 @@ def take_first_sink_keys(plan: EvictionPlan, layers: Layers, sinks: int) -> None
     new = [(i, s) for i, s in enumerate(plan.streams) if s.first_sink_keys is None]
     if not new or not sinks:
         return
-    heads = torch.tensor([plan.head_blocks[i] for i, _ in new])
+    heads = torch.tensor([plan.head_blocks[i] for i, _ in new], device=layers[0][0].device)
     per_layer = [keys.get(heads, slice(0, sinks)) for keys, _, _ in layers]
     stacked = torch.stack(per_layer, dim=1)  # [streams, layers, heads, S, head_size]
     for row, (_, stream) in enumerate(new):
@@ -148,7 +154,8 @@ def sink_keys_at_offset_zero(
     For a stream resumed without the copy taken at its first eviction: one
     rotation more than the copy would cost, then the stream goes on from it.
     """
-    head, moves = torch.tensor([head_block]), torch.tensor([offset])
+    device = layers[0][0].device
+    head, moves = torch.tensor([head_block], device=device), torch.tensor([offset], device=device)
     per_layer = [
         rope.rotate_back(keys.get(head, slice(0, sinks)).to(torch.float32), moves)[0].to(keys.dtype)
         for keys, _, rope in layers
@@ -158,7 +165,8 @@ def sink_keys_at_offset_zero(
 
 def apply_eviction_plan(plan: EvictionPlan, layers: Layers, policy: SinkWindowPolicy) -> None:
     """Carry out ``plan`` on every layer's cache (keys, values, rotary angles)."""
-    as_long = lambda xs: torch.tensor(xs, dtype=torch.int64)  # noqa: E731
+    device = layers[0][0].device
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.int64, device=device)  # noqa: E731
     window, window_deltas = as_long(plan.window_blocks), as_long(plan.window_deltas)
     heads, sources = as_long(plan.head_blocks), as_long(plan.tail_source_blocks)
     rebase = as_long(plan.rebase_deltas)
@@ -175,7 +183,7 @@ def apply_eviction_plan(plan: EvictionPlan, layers: Layers, policy: SinkWindowPo
             keys.set(window, everything, rotated)
         if policy.sinks < policy.block_size and len(heads):
             moved = keys.get(sources, tail)
-            if bool(rebase.any()):
+            if any(plan.rebase_deltas):
                 moved = rope.rotate_back(moved.to(torch.float32), rebase)
             keys.set(heads, tail, moved)
             values.set(heads, tail, values.get(sources, tail))

@@ -32,7 +32,7 @@ class KernelBlockKV:
                 f"a scheduler block of {block_size} tokens is not a whole number of "
                 f"{kernel_block_size}-token kernel blocks ({kernel_blocks} of them)"
             )
-        self.dtype = part.dtype
+        self.dtype, self.device = part.dtype, part.device
         self.block_size = block_size
         self.kernel_block_size = kernel_block_size
         # [scheduler blocks, kernel blocks per scheduler block, heads, kernel slots, dim]
