@@ -11,6 +11,7 @@ from vllm_sink.frontend.platforms import (
     EXPERIMENTAL_CUDA,
     GPU_WORKER,
     V2_RUNNER,
+    check_attention_backend,
     prepare_cuda_args,
     streaming_worker,
 )
@@ -66,3 +67,25 @@ def test_the_gpu_worker_refuses_the_v2_runner():
     worker.use_v2_model_runner = True
     with pytest.raises(StreamingConfigError, match=V2_RUNNER):
         worker._make_model_runner()
+
+
+@pytest.mark.parametrize(
+    ("device", "backend"),
+    [("cpu", "CPU_ATTN"), ("cuda", "FLASH_ATTN"), ("cuda", "FLASHINFER"), ("cuda", "TRITON_ATTN"),
+     ("cuda", "FLEX_ATTENTION")],
+)  # fmt: skip
+def test_each_platform_streams_through_the_backends_its_worker_evicts_in(device, backend):
+    check_attention_backend(device, backend)
+
+
+@pytest.mark.parametrize(
+    ("device", "backend", "message"),
+    [
+        ("cpu", "FLASH_ATTN", "on cpu through the CPU_ATTN attention backend; remove the choice"),
+        ("cuda", "CPU_ATTN", "FLASH_ATTN, FLASHINFER, TRITON_ATTN, FLEX_ATTENTION attention"),
+        ("cuda", "FLASHMLA", "remove the choice of FLASHMLA"),
+    ],
+)
+def test_other_backends_are_refused_naming_the_supported_ones(device, backend, message):
+    with pytest.raises(StreamingConfigError, match=message):
+        check_attention_backend(device, backend)

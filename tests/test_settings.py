@@ -16,7 +16,7 @@ from vllm_sink.config import (
     streaming_settings,
 )
 from vllm_sink.frontend.model_support import model_refusal, window_refusal
-from vllm_sink.worker.cpu_worker import worker_config
+from vllm_sink.worker.model_runner import worker_config
 
 
 def parse_serve_args(argv: list[str]):
@@ -112,6 +112,11 @@ def engine_config(model, **kwargs):
         ({"streaming_snapshots": 8}, {}, "--streaming-snapshots .* applies to streaming"),
         ({"streaming_sinks": 4}, {"scheduler_cls": "my.Scheduler"}, "remove --scheduler-cls"),
         ({"streaming_sinks": 4}, {"worker_cls": "my.Worker"}, "remove --worker-cls"),
+        (
+            {"streaming_sinks": 4},
+            {"attention_config": {"backend": "FLASH_ATTN"}},
+            "through the CPU_ATTN attention backend; remove the choice of FLASH_ATTN",
+        ),
     ],
 )
 def test_bad_settings_fail_at_start_up(tiny_llama, settings, extra, message):

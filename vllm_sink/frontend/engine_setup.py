@@ -29,7 +29,12 @@ from vllm.logger import init_logger
 from vllm_sink.config import UNLIMITED_STREAM_LEN, StreamingConfigError, streaming_policy
 from vllm_sink.frontend.limits import default_max_tokens, trained_positions
 from vllm_sink.frontend.model_support import model_refusal, window_refusal
-from vllm_sink.frontend.platforms import GPU_WORKER, prepare_cuda_args, streaming_worker
+from vllm_sink.frontend.platforms import (
+    GPU_WORKER,
+    check_attention_backend,
+    prepare_cuda_args,
+    streaming_worker,
+)
 from vllm_sink.metrics import serve_streaming_metrics
 
 if TYPE_CHECKING:
@@ -188,11 +193,10 @@ def check_engine_config(config: VllmConfig) -> None:
     if problem is not None:
         raise StreamingConfigError(f"vllm-sink: {problem}")
     backend = config.attention_config.backend
-    if backend is not None and str(getattr(backend, "name", backend)) != "CPU_ATTN":
-        raise StreamingConfigError(
-            f"vllm-sink streams through the CPU_ATTN backend; remove the "
-            f"attention backend choice {backend}"
-        )
+    if backend is not None:
+        from vllm.platforms import current_platform
+
+        check_attention_backend(current_platform.device_type, getattr(backend, "name", backend))
     policy = streaming_policy(config)
     overshoot = position_overshoot(config)
     if overshoot > 0:

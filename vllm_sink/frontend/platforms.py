@@ -27,6 +27,25 @@ EXPERIMENTAL_CUDA = "VLLM_SINK_EXPERIMENTAL_CUDA"
 V2_RUNNER = "VLLM_USE_V2_MODEL_RUNNER"
 
 
+STREAMING_BACKENDS = {
+    "cpu": ("CPU_ATTN",),
+    "cuda": ("FLASH_ATTN", "FLASHINFER", "TRITON_ATTN", "FLEX_ATTENTION"),
+}
+"""The attention backends whose KV caches the worker can evict in, per platform
+(:mod:`vllm_sink.worker.cpu_attn_layout`, :mod:`vllm_sink.worker.gpu_kv_layout`)."""
+
+
+def check_attention_backend(device: str, backend: str, layer: str | None = None) -> None:
+    """Refuse an attention backend the streaming worker on ``device`` cannot evict in."""
+    supported = STREAMING_BACKENDS.get(device, ())
+    if backend not in supported:
+        raise StreamingConfigError(
+            f"vllm-sink streams on {device} through the {', '.join(supported)} attention "
+            f"backend{'s' if len(supported) > 1 else ''}; "
+            + (f"layer {layer} uses {backend}" if layer else f"remove the choice of {backend}")
+        )
+
+
 def streaming_worker(device: str, environ: MutableMapping[str, str]) -> str:
     """The worker class for ``device`` (vLLM's ``current_platform.device_type``)."""
     if device == "cpu":

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 from typing import TYPE_CHECKING
 
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
-from vllm_sink.config import StreamingConfigError, streaming_policy
-from vllm_sink.worker.model_runner import StreamingModelRunnerMixin
+from vllm_sink.config import StreamingConfigError
+from vllm_sink.worker.model_runner import StreamingModelRunnerMixin, worker_config
 from vllm_sink.worker.seeded_sampling import SeededChunkedPrefillMixin
 
 if TYPE_CHECKING:
@@ -18,21 +17,6 @@ if TYPE_CHECKING:
 
 class StreamingCPUModelRunner(StreamingModelRunnerMixin, SeededChunkedPrefillMixin, CPUModelRunner):
     """vLLM's CPU model runner with sink + window streaming."""
-
-
-def worker_config(vllm_config: VllmConfig) -> VllmConfig:
-    """The engine's config as the worker should see it: sequences as long as the cache.
-
-    The scheduler's ``max_model_len`` is the stream length limit; the worker
-    only ever holds a stream's compact view, so every buffer vLLM sizes by
-    ``max_model_len`` (token rows, block-table rows) is sized by the cache
-    instead. A shallow copy: the engine core may share the original object
-    (in-process engines) and must keep the stream limit.
-    """
-    config = copy.copy(vllm_config)
-    config.model_config = copy.copy(vllm_config.model_config)
-    config.model_config.max_model_len = streaming_policy(vllm_config).view_width
-    return config
 
 
 class StreamingCPUWorker(CPUWorker):

@@ -16,8 +16,7 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
 
 from vllm_sink.config import StreamingConfigError
-from vllm_sink.worker.cpu_worker import worker_config
-from vllm_sink.worker.model_runner import StreamingModelRunnerMixin
+from vllm_sink.worker.model_runner import StreamingModelRunnerMixin, worker_config
 from vllm_sink.worker.seeded_sampling import SeededChunkedPrefillMixin
 
 if TYPE_CHECKING:

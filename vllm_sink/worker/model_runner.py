@@ -17,7 +17,7 @@ length, and every per-request buffer stays as small as the cache:
   computed, so that most evictions leave the window's keys where they are;
 * the persistent batch writes new and re-added requests in their view
   (:mod:`vllm_sink.worker.input_batch`); its rows are ``view_width`` tokens wide
-  because the worker's config says so (:mod:`vllm_sink.worker.cpu_worker`);
+  because the worker's config says so (:func:`worker_config`);
 * ``min_tokens`` is counted over the whole stream (:mod:`vllm_sink.worker.min_tokens`);
 * a request may continue a finished stream (a snapshot, see :meth:`_resume`),
   and a streaming-input session (vLLM's ``StreamingInput``) is one stream
@@ -34,6 +34,7 @@ through :mod:`vllm_sink.worker.vllm_runner`.
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING
@@ -49,6 +50,7 @@ from vllm_sink.config import StreamingConfigError, streaming_policy, streaming_s
 from vllm_sink.core.policy import SinkWindowPolicy
 from vllm_sink.core.rerotation import RopeDeltas
 from vllm_sink.core.stream_state import StreamState
+from vllm_sink.frontend.platforms import check_attention_backend
 from vllm_sink.scheduler.kv_cache import StreamingSinkSpec, StreamingSlidingSpec
 from vllm_sink.worker import vllm_runner as runner_api
 from vllm_sink.worker.cpu_attn_layout import PagedKV, PageLayout
@@ -64,13 +66,26 @@ from vllm_sink.worker.min_tokens import StreamMinTokens
 from vllm_sink.worker.self_check import CacheCheckError, check_eviction_in_cache
 
 if TYPE_CHECKING:
+    from vllm.config import VllmConfig
     from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
 
 logger = init_logger("vllm.vllm_sink")
 
-GPU_BACKENDS = ("FLASH_ATTN", "FLASHINFER", "TRITON_ATTN", "FLEX_ATTENTION")
-"""Backends sharing one logical KV view (:mod:`vllm_sink.worker.gpu_kv_layout`)."""
-SUPPORTED_BACKENDS = ("CPU_ATTN", *GPU_BACKENDS)
+
+def worker_config(vllm_config: VllmConfig) -> VllmConfig:
+    """The engine's config as the streaming workers give it to vLLM's: sequences as long
+    as the cache.
+
+    The scheduler's ``max_model_len`` is the stream length limit; the worker
+    only ever holds a stream's compact view, so every buffer vLLM sizes by
+    ``max_model_len`` (token rows, block-table rows) is sized by the cache
+    instead. A shallow copy: the engine core may share the original object
+    (in-process engines) and must keep the stream limit.
+    """
+    config = copy.copy(vllm_config)
+    config.model_config = copy.copy(vllm_config.model_config)
+    config.model_config.max_model_len = streaming_policy(vllm_config).view_width
+    return config
 
 
 cpu_attn_layout = functools.cache(PageLayout.probe_cpu_attn)
@@ -165,12 +180,7 @@ class StreamingModelRunnerMixin:
         super().load_model(*args, **kwargs)
         layers = get_layers_from_vllm_config(self.vllm_config, Attention)
         for name, layer in layers.items():
-            backend = layer.get_attn_backend()
-            if backend.get_name() not in SUPPORTED_BACKENDS:
-                raise StreamingConfigError(
-                    f"vllm-sink supports the {SUPPORTED_BACKENDS} attention backends; "
-                    f"layer {name} uses {backend.get_name()}"
-                )
+            check_attention_backend(self.device.type, layer.get_attn_backend().get_name(), name)
             if layer.impl.alibi_slopes is not None:
                 raise StreamingConfigError("vllm-sink does not support ALiBi models yet")
         rotary = find_rotary_modules(self.get_model(), set(layers))
@@ -196,7 +206,7 @@ class StreamingModelRunnerMixin:
         if width != policy.view_width:
             raise RuntimeError(
                 f"vllm-sink: the worker's token rows are {width} wide, not the cache's "
-                f"{policy.view_width}: the runner was not built by StreamingCPUWorker"
+                f"{policy.view_width}: the runner was not built by a streaming worker"
             )
         runner_api.adopt_input_batch(
             self, StreamingInputBatch, streams=self._streams, sinks=policy.sinks
