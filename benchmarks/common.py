@@ -77,9 +77,19 @@ def save_result(name: str, result: dict, print_without: tuple[str, ...] = ()) ->
 
 
 def make_engine(
-    window: int | None, sinks: int, max_batch: int, eager: bool, chunk: int = DECODE_CHUNK
+    window: int | None,
+    sinks: int,
+    max_batch: int,
+    eager: bool,
+    chunk: int = DECODE_CHUNK,
+    kv_cache_gib: int | None = None,
 ):
-    """SmolLM2 in this process: streaming over ``sinks + window``, or dense without a window."""
+    """SmolLM2 in this process: streaming over ``sinks + window``, or dense without a window.
+
+    ``kv_cache_gib`` sizes the KV cache on a GPU as ``VLLM_CPU_KVCACHE_SPACE`` does on
+    CPU, and leaves room on the device for the other engine of a side-by-side run.
+    """
+    import torch
     from vllm import LLM
 
     streaming = (
@@ -87,9 +97,14 @@ def make_engine(
         if window is not None
         else {}
     )
+    device_memory = (
+        {"kv_cache_memory_bytes": kv_cache_gib * 2**30, "gpu_memory_utilization": 0.4}
+        if kv_cache_gib is not None and torch.cuda.is_available()
+        else {}
+    )
     return LLM(
         str(MODEL), dtype="float32", enforce_eager=eager, max_num_seqs=max_batch,
-        max_num_batched_tokens=chunk, disable_log_stats=True, **streaming,
+        max_num_batched_tokens=chunk, disable_log_stats=True, **streaming, **device_memory,
     )  # fmt: skip
 
 

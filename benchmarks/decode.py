@@ -76,11 +76,14 @@ def subset(batch: int, max_batch: int) -> list[int]:
 
 def engine_process(conn: Connection, mode: str, window: int, args: argparse.Namespace) -> None:
     """One engine (streaming or dense); runs timed runs when the parent asks."""
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib(window, args.sinks, args.max_batch))
+    kv_gib = kv_cache_gib(window, args.sinks, args.max_batch)
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_gib)
     from vllm import SamplingParams
 
     streaming = mode == "streaming"
-    llm = make_engine(window if streaming else None, args.sinks, args.max_batch, args.eager)
+    llm = make_engine(
+        window if streaming else None, args.sinks, args.max_batch, args.eager, kv_cache_gib=kv_gib
+    )
     engine = llm.llm_engine
     block_size = engine.vllm_config.cache_config.block_size
     cached = args.sinks + window

@@ -23,11 +23,15 @@ class StepBreakdown:
     """Accumulates time per phase while enabled; wraps the methods once, at construction."""
 
     def __init__(self, llm) -> None:
-        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+        from vllm.config import get_layers_from_vllm_config
+        from vllm.model_executor.layers.attention import Attention
         from vllm.v1.engine.output_processor import OutputProcessor
 
         core = llm.llm_engine.engine_core.engine_core
-        runner_class = type(core.model_executor.driver_worker.worker.model_runner)
+        runner = core.model_executor.driver_worker.worker.model_runner
+        runner_class = type(runner)
+        layers = get_layers_from_vllm_config(runner.vllm_config, Attention)
+        attention_class = type(next(iter(layers.values())).impl)  # the backend's (CPU_ATTN here)
         scheduler_class = type(core.scheduler)
         phases: dict[str, tuple[type, str]] = {
             "scheduling": (scheduler_class, "schedule"),
@@ -36,8 +40,8 @@ class StepBreakdown:
             "input_preparation": (runner_class, "_prepare_inputs"),
             "attention_metadata": (runner_class, "_build_attention_metadata"),
             "model_forward": (runner_class, "_model_forward"),
-            "attention": (CPUAttentionBackendImpl, "forward"),
-            "kv_write": (CPUAttentionBackendImpl, "do_kv_cache_update"),
+            "attention": (attention_class, "forward"),
+            "kv_write": (attention_class, "do_kv_cache_update"),
             "sampling": (runner_class, "sample_tokens"),
             "scheduler_update": (scheduler_class, "update_from_output"),
             "output_processing": (OutputProcessor, "process_outputs"),

@@ -9,11 +9,13 @@ def streaming(sinks: int, window: int) -> dict:
     return {"additional_config": {"streaming_sinks": sinks, "streaming_window": window}}
 
 
-def tiny_streaming_engine(engine_factory, model, sinks, window, block, chunk, **extra):
-    """A float32 streaming engine on the tiny Llama (token ids in, no tokenizer)."""
+def tiny_streaming_engine(
+    engine_factory, model, sinks, window, block, chunk, dtype="float32", **extra
+):
+    """A streaming engine (float32 unless told) on the tiny Llama (token ids in, no tokenizer)."""
     return engine_factory(
         model,
-        dtype="float32",
+        dtype=dtype,
         block_size=block,
         max_num_batched_tokens=chunk,
         skip_tokenizer_init=True,

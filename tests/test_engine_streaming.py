@@ -58,21 +58,48 @@ def rebase_period(llm) -> int:
     return worker.model_runner._rebase_period_blocks
 
 
-def assert_streams_like_the_reference(
-    llm, model, prompt, max_tokens, sinks, window, block, chunk
+def assert_within_precision(
+    logprobs: torch.Tensor,
+    expected: torch.Tensor,
+    window_only: torch.Tensor,
+    unevicted: int,
+    dtype: str,
 ) -> torch.Tensor:
-    """Stream ``prompt`` and ``max_tokens`` more through evictions: every logprob is the
-    reference's, and plain window attention is far off. The per-token errors."""
+    """The engine's per-token logprobs are the reference's, and plain window attention's
+    are far off. The per-token errors.
+
+    A float32 engine is held to :data:`FP32_TOLERANCE`. A 16-bit engine is compared with
+    the float32 reference through its own rounding noise, measured on the ``unevicted``
+    tokens before its first eviction: past it, the errors must stay that size. On CPU in
+    bfloat16 the noise is a mean of 0.015 (tiny Llama) to 0.03 (SmolLM2); sinks left at
+    their first positions give errors of mean 0.30 (tiny Llama) and at most 1.1 (SmolLM2,
+    noise at most 0.2).
+    """
+    errors = (logprobs - expected).abs()
+    away_from_window_only = (logprobs - window_only).abs()
+    if dtype == "float32":
+        assert errors.max() < FP32_TOLERANCE, errors.max()
+        assert away_from_window_only.max() > 50 * FP32_TOLERANCE
+        return errors
+    noise, evicted = errors[:unevicted], errors[unevicted:]
+    assert evicted.mean() < 2 * noise.mean() + 0.01, (evicted.mean(), noise.mean())
+    assert evicted.max() < 3 * noise.max() + 0.05, (evicted.max(), noise.max())
+    assert away_from_window_only[unevicted:].mean() > 5 * noise.mean()
+    return errors
+
+
+def assert_streams_like_the_reference(
+    llm, model, prompt, max_tokens, sinks, window, block, chunk, dtype: str = "float32"
+) -> torch.Tensor:
+    """Stream ``prompt`` and ``max_tokens`` more through evictions in ``llm`` (of ``dtype``):
+    :func:`assert_within_precision`. The per-token errors."""
     generated, logprobs = run(llm, prompt, max_tokens)
     ref = StreamingLlamaReference(model)
     tokens = prompt + generated
     expected = reference_logprobs(ref, tokens, sinks, window, block, len(prompt), chunk)
     assert kv_manager(llm).num_evicted_blocks >= (len(tokens) - sinks - window) // block - 1
-    errors = (logprobs - expected).abs()
-    assert errors.max() < FP32_TOLERANCE
     window_only = reference_logprobs(ref, tokens, 0, window + sinks, block, len(prompt), chunk)
-    assert (logprobs - window_only).abs().max() > 50 * FP32_TOLERANCE
-    return errors
+    return assert_within_precision(logprobs, expected, window_only, sinks + window - 1, dtype)
 
 
 def test_before_first_eviction_streaming_changes_nothing(tiny_llama, engine_factory):
@@ -119,6 +146,18 @@ def test_tiny_llama_matches_reference_through_evictions(
     assert_streams_like_the_reference(llm, model, prompt, max_tokens, sinks, window, block, chunk)
 
 
+def test_tiny_llama_in_bfloat16_streams_within_its_rounding_noise(tiny_llama, engine_factory):
+    """The 16-bit check the GPU backends without float32 (FLASH_ATTN, FLASHINFER) get."""
+    sinks, window, block, chunk = 4, 64, 32, 96
+    llm = tiny_streaming_engine(
+        engine_factory, tiny_llama, sinks, window, block, chunk, dtype="bfloat16"
+    )
+    prompt = random_prompt(700, seed=3)
+    assert_streams_like_the_reference(
+        llm, tiny_llama, prompt, 300, sinks, window, block, chunk, "bfloat16"
+    )
+
+
 SMOLLM2_STREAM = dict(sinks=4, window=252, chunk=128, prompt_len=600, max_tokens=150)
 """The SmolLM2 parity stream: the engine is built with these (and the test's block, dtype)."""
 
@@ -133,14 +172,8 @@ def assert_smollm2_streams_like_the_reference(
     tokens = prompt + generated
     ref = StreamingLlamaReference(smollm2)
     expected = reference_logprobs(ref, tokens, sinks, window, block, prompt_len, chunk)
-    errors = (logprobs - expected).abs()
-    if dtype == "float32":
-        assert errors.max() < FP32_TOLERANCE
-    else:
-        # bf16 engine against the float32 reference: measured noise without any
-        # eviction is mean 0.026, max 0.27 on this text.
-        assert errors.mean() < 0.05 and errors.max() < 0.6, (errors.mean(), errors.max())
-    return errors
+    window_only = reference_logprobs(ref, tokens, 0, window + sinks, block, prompt_len, chunk)
+    return assert_within_precision(logprobs, expected, window_only, sinks + window - 1, dtype)
 
 
 @pytest.mark.parametrize("block,dtype", [(32, "float32"), (128, "float32"), (128, "bfloat16")])

@@ -16,8 +16,9 @@ SINKS, WINDOW, BLOCK = 4, 1020, 128
 @pytest.fixture(scope="module")
 def server(smollm2, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "server.log"
+    # The block size is CPU's default, said for GPU backends, which default to 16.
     flags = ["--streaming-sinks", str(SINKS), "--streaming-window", str(WINDOW),
-             "--max-num-batched-tokens", "1024"]  # fmt: skip
+             "--max-num-batched-tokens", "1024", "--block-size", str(BLOCK)]  # fmt: skip
     with vllm_serve(smollm2, flags, log) as server:
         yield server
 
