@@ -3,7 +3,7 @@
 Each test here drives a real vLLM engine: seeded sampling over chunked
 prefill, requests without ``max_tokens`` when streams have no length limit,
 and start-up of the default multiprocess engine with a pool of thousands of
-streams.
+streams, or with a KV cache too small for one stream.
 """
 
 from __future__ import annotations
@@ -96,3 +96,37 @@ def test_default_multiprocess_engine_starts_with_thousands_of_streams(tiny_llama
     result = json.loads(line.removeprefix("RESULT "))
     assert result["streams"] > 2_000
     assert result["tokens"] == 8
+
+
+TOO_SMALL = textwrap.dedent(
+    """
+    import sys
+    from vllm import LLM
+
+    LLM(sys.argv[1], dtype="float32", enforce_eager=True, block_size=32,
+        max_num_batched_tokens=96, skip_tokenizer_init=True, kv_cache_memory_bytes=200_000,
+        additional_config={"streaming_sinks": 4, "streaming_window": 64})
+    """
+)
+
+
+def test_a_kv_cache_too_small_for_one_stream_is_refused_saying_what_to_change(tiny_llama):
+    """vLLM's own check would ask for room for ``max_model_len`` (the stream length limit)
+    tokens, and say to lower it."""
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    done = subprocess.run(
+        [sys.executable, "-c", TOO_SMALL, str(tiny_llama)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode != 0
+    # The head block, the newest evicted block (held one eviction longer) and the window
+    # blocks over at most 4 + 64 + 96 - 2 tokens (6 of 32 slots): 8 blocks of K and V,
+    # 2 heads x 64 float32, in 2 layers.
+    needed = 8 * 32 * 2 * 2 * 64 * 4 * 2 / 2**20
+    assert f"one stream needs {needed:.1f} MiB of KV cache" in done.stderr, done.stderr[-3000:]
+    assert "the KV cache has 0.2 MiB: raise VLLM_CPU_KVCACHE_SPACE" in done.stderr
+    assert "decreasing `max_model_len`" not in done.stderr

@@ -114,6 +114,12 @@ def engine_config(model, **kwargs):
         ({"streaming_sinks": 4}, {"worker_cls": "my.Worker"}, "remove --worker-cls"),
         (
             {"streaming_sinks": 4},
+            {"kv_transfer_config": {"kv_connector": "ExampleConnector", "kv_role": "kv_both"}},
+            "KV connectors .*--kv-transfer-config",
+        ),
+        ({"streaming_sinks": 4}, {"kv_offloading_size": 0.5}, "KV connectors .*--kv-offloading"),
+        (
+            {"streaming_sinks": 4},
             {"attention_config": {"backend": "FLASH_ATTN"}},
             "through the CPU_ATTN attention backend; remove the choice of FLASH_ATTN",
         ),

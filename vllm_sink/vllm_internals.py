@@ -156,6 +156,11 @@ INTERNALS: tuple[Internal, ...] = (
              "worker.cpu_worker"),
     Internal("vllm.v1.worker.gpu_worker", "Worker", "_make_model_runner", "method", (),
              "worker.gpu_worker"),
+    *(
+        Internal(f"vllm.v1.worker.{module}", worker, "determine_available_memory", "method",
+                 (), f"worker.{module}")
+        for module, worker in (("cpu_worker", "CPUWorker"), ("gpu_worker", "Worker"))
+    ),
     Internal("vllm.v1.worker.gpu_worker", "Worker", "use_v2_model_runner", "attribute", (),
              "worker.gpu_worker"),
     *(

@@ -111,6 +111,11 @@ def prepare_engine_args(args: EngineArgs) -> None:
         ),
         "--enable-prefix-caching (evicted, re-rotated KV blocks are not a function of "
         "their token prefix; leave the flag out)": args.enable_prefix_caching,
+        "KV connectors (--kv-transfer-config, --kv-offloading-size: they save and load "
+        "a request's KV blocks by its token prefix, and a stream's blocks hold its sinks "
+        "and a re-rotated window instead)": (
+            args.kv_transfer_config is not None or bool(args.kv_offloading_size)
+        ),
     }
     for feature, requested in refusals.items():
         if requested:

@@ -31,6 +31,11 @@ class StreamingGPUWorker(Worker):
     def __init__(self, vllm_config: VllmConfig, *args, **kwargs) -> None:
         super().__init__(worker_config(vllm_config), *args, **kwargs)
 
+    def determine_available_memory(self) -> int:
+        available = super().determine_available_memory()
+        self.model_runner.check_room_for_a_stream(available)
+        return available
+
     def _make_model_runner(self) -> GPUModelRunner:
         if self.use_v2_model_runner:
             raise StreamingConfigError(

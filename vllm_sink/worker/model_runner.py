@@ -176,6 +176,29 @@ class StreamingModelRunnerMixin:
                 converted[name] = StreamingSinkSpec.from_attention(spec, policy)
         return converted
 
+    def check_room_for_a_stream(self, available_bytes: int) -> None:
+        """Refuse a KV cache that cannot hold one whole stream, saying what to change.
+
+        vLLM's own check asks for room for ``max_model_len`` tokens and, short of
+        it, says to lower ``max_model_len``: for streams that is the length
+        limit, not what the cache holds.
+        """
+        specs = self.get_kv_cache_spec()
+        needed = sum(spec.max_memory_usage_bytes(self.vllm_config) for spec in specs.values())
+        if needed <= available_bytes:
+            return
+        policy = self.sink_policy
+        more_memory = (
+            "VLLM_CPU_KVCACHE_SPACE" if self.device.type == "cpu" else "--gpu-memory-utilization"
+        )
+        raise StreamingConfigError(
+            f"vllm-sink: one stream needs {needed / 2**20:.1f} MiB of KV cache ({policy.sinks} "
+            f"sinks + a {policy.window}-token window, a block to decode into and a "
+            f"{policy.max_chunk_tokens}-token prefill chunk, in {len(specs)} layers), and the "
+            f"KV cache has {available_bytes / 2**20:.1f} MiB: raise {more_memory} or "
+            "--kv-cache-memory-bytes, or lower --streaming-window or --max-num-batched-tokens"
+        )
+
     def load_model(self, *args, **kwargs) -> None:
         super().load_model(*args, **kwargs)
         layers = get_layers_from_vllm_config(self.vllm_config, Attention)
