@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import random
 
+FP32_TOLERANCE = 1e-3
+"""Per-token logprob, a float32 engine against the float32 reference."""
+
 
 def streaming(sinks: int, window: int) -> dict:
     return {"additional_config": {"streaming_sinks": sinks, "streaming_window": window}}

@@ -10,15 +10,19 @@ import math
 
 import pytest
 import torch
-from engine_helpers import kv_manager, random_prompt, streaming, tiny_streaming_engine
+from engine_helpers import (
+    FP32_TOLERANCE,
+    kv_manager,
+    random_prompt,
+    streaming,
+    tiny_streaming_engine,
+)
 from vllm import SamplingParams
 
 from vllm_sink_dev.reference import StreamingLlamaReference, window_starts
 from vllm_sink_dev.tiny_llama import build_tiny_llama
 
 pytestmark = pytest.mark.engine
-
-FP32_TOLERANCE = 1e-3  # per-token logprob, float32 engine vs float32 reference
 
 
 def greedy(max_tokens: int) -> SamplingParams:

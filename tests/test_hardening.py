@@ -77,19 +77,22 @@ START_UP = textwrap.dedent(
 )
 
 
-def test_default_multiprocess_engine_starts_with_thousands_of_streams(tiny_llama):
-    """vLLM sends ``max concurrency x max_model_len`` between processes as a 64-bit int."""
-    env = {
-        **os.environ,
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "1",  # the default, which tests otherwise turn off
-        "VLLM_CPU_KVCACHE_SPACE": "2",
-    }
-    done = subprocess.run(
-        [sys.executable, "-c", START_UP, str(tiny_llama)],
-        env=env,
+def in_multiprocess_engine(script: str, model, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``script`` run with ``model``'s path, in a process of its own with vLLM's default
+    multiprocess engine (which tests otherwise turn off)."""
+    return subprocess.run(
+        [sys.executable, "-c", script, str(model)],
+        env={**env, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"},
         capture_output=True,
         text=True,
         timeout=600,
+    )
+
+
+def test_default_multiprocess_engine_starts_with_thousands_of_streams(tiny_llama):
+    """vLLM sends ``max concurrency x max_model_len`` between processes as a 64-bit int."""
+    done = in_multiprocess_engine(
+        START_UP, tiny_llama, {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
     )
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
@@ -114,14 +117,7 @@ def test_a_kv_cache_too_small_for_one_stream_is_refused_saying_what_to_change(ti
     """vLLM's own check would ask for room for ``max_model_len`` (the stream length limit)
     tokens, and say to lower it."""
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
-    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
-    done = subprocess.run(
-        [sys.executable, "-c", TOO_SMALL, str(tiny_llama)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = in_multiprocess_engine(TOO_SMALL, tiny_llama, env)
     assert done.returncode != 0
     # The head block, the newest evicted block (held one eviction longer) and the window
     # blocks over at most 4 + 64 + 96 - 2 tokens (6 of 32 slots): 8 blocks of K and V,

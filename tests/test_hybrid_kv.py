@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_helpers import random_prompt, tiny_streaming_engine
+from engine_helpers import FP32_TOLERANCE, random_prompt, tiny_streaming_engine
 from test_preemption import ScheduleLog
 from vllm import SamplingParams
 
@@ -25,7 +25,6 @@ from vllm_sink_dev.reference import StreamingLlamaReference
 pytestmark = pytest.mark.engine
 
 SINKS, WINDOW, BLOCK, CHUNK = 4, 192, 32, 128
-FP32_TOLERANCE = 1e-3
 
 
 def test_sliding_groups_free_their_blocks_and_streams_match_the_reference(engine_factory, tmp_path):

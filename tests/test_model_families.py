@@ -16,9 +16,14 @@ import functools
 
 import pytest
 import torch
-from engine_helpers import kv_manager, random_prompt, streaming, tiny_streaming_engine
-from test_engine_streaming import (
+from engine_helpers import (
     FP32_TOLERANCE,
+    kv_manager,
+    random_prompt,
+    streaming,
+    tiny_streaming_engine,
+)
+from test_engine_streaming import (
     assert_streams_like_the_reference,
     rebase_period,
     reference_logprobs,

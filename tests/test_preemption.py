@@ -14,7 +14,7 @@ from collections import defaultdict
 
 import pytest
 import torch
-from engine_helpers import kv_manager, random_prompt, tiny_streaming_engine
+from engine_helpers import FP32_TOLERANCE, kv_manager, random_prompt, tiny_streaming_engine
 from vllm import SamplingParams
 
 from vllm_sink_dev.reference import StreamingLlamaReference
@@ -22,7 +22,6 @@ from vllm_sink_dev.reference import StreamingLlamaReference
 pytestmark = pytest.mark.engine
 
 SINKS, WINDOW, BLOCK, CHUNK = 4, 64, 32, 128
-FP32_TOLERANCE = 1e-3
 
 
 class ScheduleLog:

@@ -14,7 +14,7 @@ import asyncio
 
 import pytest
 import torch
-from engine_helpers import random_prompt, streaming
+from engine_helpers import FP32_TOLERANCE, random_prompt, streaming
 from vllm import SamplingParams
 from vllm.sampling_params import RequestOutputKind
 
@@ -23,7 +23,6 @@ from vllm_sink_dev.reference import StreamingLlamaReference, window_starts_of_st
 pytestmark = pytest.mark.engine
 
 SINKS, WINDOW, BLOCK, CHUNK = 4, 64, 32, 128
-FP32_TOLERANCE = 1e-3
 
 
 def solo_steps(start: int, prompt_end: int, outputs: int) -> list[tuple[int, int]]:

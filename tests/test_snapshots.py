@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_helpers import random_prompt, tiny_streaming_engine
+from engine_helpers import FP32_TOLERANCE, random_prompt, tiny_streaming_engine
 from test_preemption import ScheduleLog
 from vllm import SamplingParams
 
@@ -18,7 +18,6 @@ from vllm_sink_dev.reference import StreamingLlamaReference, window_starts_of_st
 pytestmark = pytest.mark.engine
 
 SINKS, WINDOW, BLOCK, CHUNK = 4, 64, 32, 128
-FP32_TOLERANCE = 1e-3
 
 
 def greedy(max_tokens: int) -> SamplingParams:
