@@ -8,9 +8,10 @@
 # long text as set-up does (PyPI, and the distribution archive for the text), then runs
 # with VLLM_SINK_EXPERIMENTAL_CUDA=1:
 #   1. the engine parity tests (tests/test_cuda.py: per-token logprobs vs the torch
-#      reference after evictions; FLASH_ATTN, FLASHINFER, TRITON_ATTN; CUDA graphs on
-#      and off; float32 and bfloat16; each engine start runs the start-up check of
-#      its cache on the backend's own CUDA kernels);
+#      reference after evictions; FLASH_ATTN and FLASHINFER in bfloat16, TRITON_ATTN in
+#      float32 and bfloat16; CUDA graphs on and off; SmolLM2 in float32 and bfloat16;
+#      each engine start runs the start-up check of its cache on the backend's own
+#      CUDA kernels);
 #   2. the `vllm serve` smoke test past the context (tests/test_serve.py);
 #   3. the decode benchmark, streaming vs dense over the same cache, batch 1/8/32.
 # Without a package index: wheels for its installs in a folder (PIP_NO_INDEX=1

@@ -1,7 +1,8 @@
 """The worker's side: the streaming worker and model runner, set through ``worker_cls``.
 
-* ``cpu_worker``: the worker vLLM starts (CPU backend) and the config it sees;
-* ``model_runner``: evictions and each stream's compact view, around vLLM's V1 runner;
+* ``cpu_worker``, ``gpu_worker``: the workers vLLM starts (CPU; CUDA, experimental);
+* ``model_runner``: evictions and each stream's compact view, around vLLM's V1 runner,
+  and the config the workers see;
 * ``input_batch``, ``min_tokens``, ``seeded_sampling``: the runner's pieces that
   replace one piece of vLLM's behaviour each;
 * ``eviction``: carrying out an eviction in the paged cache, backend-independent;
