@@ -16,7 +16,7 @@ from vllm_sink.config import (
     streaming_settings,
 )
 from vllm_sink.frontend.model_support import model_refusal, window_refusal
-from vllm_sink.worker.model_runner import worker_config
+from vllm_sink.worker.streaming_worker import worker_config
 
 
 def parse_serve_args(argv: list[str]):

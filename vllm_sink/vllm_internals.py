@@ -158,11 +158,11 @@ INTERNALS: tuple[Internal, ...] = (
              "worker.gpu_worker"),
     *(
         Internal(f"vllm.v1.worker.{module}", worker, "determine_available_memory", "method",
-                 (), f"worker.{module}")
+                 (), "worker.streaming_worker")
         for module, worker in (("cpu_worker", "CPUWorker"), ("gpu_worker", "Worker"))
     ),
     Internal("vllm.v1.worker.gpu_worker", "Worker", "use_v2_model_runner", "attribute", (),
-             "worker.gpu_worker"),
+             "worker.streaming_worker"),
     *(
         Internal(f"vllm.v1.attention.backends.{module}", impl, "do_kv_cache_update", "method",
                  ("layer", "key", "value", "kv_cache", "slot_mapping"), "worker.self_check")

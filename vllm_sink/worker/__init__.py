@@ -1,8 +1,8 @@
 """The worker's side: the streaming worker and model runner, set through ``worker_cls``.
 
 * ``cpu_worker``, ``gpu_worker``: the workers vLLM starts (CPU; CUDA, experimental);
-* ``model_runner``: evictions and each stream's compact view, around vLLM's V1 runner,
-  and the config the workers see;
+  ``streaming_worker``: what both add to vLLM's (the config they see, start-up checks);
+* ``model_runner``: evictions and each stream's compact view, around vLLM's V1 runner;
 * ``input_batch``, ``min_tokens``, ``seeded_sampling``: the runner's pieces that
   replace one piece of vLLM's behaviour each;
 * ``eviction``: carrying out an eviction in the paged cache, backend-independent;

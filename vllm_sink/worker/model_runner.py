@@ -17,7 +17,8 @@ length, and every per-request buffer stays as small as the cache:
   computed, so that most evictions leave the window's keys where they are;
 * the persistent batch writes new and re-added requests in their view
   (:mod:`vllm_sink.worker.input_batch`); its rows are ``view_width`` tokens wide
-  because the worker's config says so (:func:`worker_config`);
+  because the worker's config says so
+  (:func:`~vllm_sink.worker.streaming_worker.worker_config`);
 * ``min_tokens`` is counted over the whole stream (:mod:`vllm_sink.worker.min_tokens`);
 * a request may continue a finished stream (a snapshot, see :meth:`_resume`),
   and a streaming-input session (vLLM's ``StreamingInput``) is one stream
@@ -34,7 +35,6 @@ through :mod:`vllm_sink.worker.vllm_runner`.
 
 from __future__ import annotations
 
-import copy
 import functools
 from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING
@@ -66,26 +66,9 @@ from vllm_sink.worker.min_tokens import StreamMinTokens
 from vllm_sink.worker.self_check import CacheCheckError, check_eviction_in_cache
 
 if TYPE_CHECKING:
-    from vllm.config import VllmConfig
     from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
 
 logger = init_logger("vllm.vllm_sink")
-
-
-def worker_config(vllm_config: VllmConfig) -> VllmConfig:
-    """The engine's config as the streaming workers give it to vLLM's: sequences as long
-    as the cache.
-
-    The scheduler's ``max_model_len`` is the stream length limit; the worker
-    only ever holds a stream's compact view, so every buffer vLLM sizes by
-    ``max_model_len`` (token rows, block-table rows) is sized by the cache
-    instead. A shallow copy: the engine core may share the original object
-    (in-process engines) and must keep the stream limit.
-    """
-    config = copy.copy(vllm_config)
-    config.model_config = copy.copy(vllm_config.model_config)
-    config.model_config.max_model_len = streaming_policy(vllm_config).view_width
-    return config
 
 
 cpu_attn_layout = functools.cache(PageLayout.probe_cpu_attn)
