@@ -53,21 +53,27 @@ def at_positions(neox: bool, u: torch.Tensor, positions: list[int]) -> torch.Ten
 
 
 def stream_steps(
-    layers: Layers, policy: SinkWindowPolicy, period: int, prompt: int, chunk: int
+    layers: Layers,
+    policy: SinkWindowPolicy,
+    period: int,
+    prompt: int,
+    chunk: int,
+    sliding_window: int | None = None,
 ) -> Iterator[tuple[EvictionPlan, list[int], int, int]]:
     """One stream's steps of ``chunk`` tokens as the worker takes them: the step's
-    eviction planned and carried out in ``layers``, the evicted blocks dropped from the
-    compact block row, blocks added for the step's tokens. Yields the plan, the row, the
-    shift and the step's first token; its tokens go to cache index ``t - shift``."""
+    eviction planned and carried out in ``layers`` (a group of ``sliding_window``
+    layers, if given), the evicted blocks dropped from the compact block row, blocks
+    added for the step's tokens. Yields the plan, the row, the shift and the step's
+    first token; its tokens go to cache index ``t - shift``."""
     block = policy.block_size
     stream = StreamState(prompt_len=prompt)
     row: list[int] = []
     for n in range(0, prompt, chunk):
-        plan = EvictionPlan(period)
+        plan = EvictionPlan(period, sliding_window)
         shift = plan.add(policy, stream, row, n)
         if plan:
             apply_eviction_plan(plan, layers, policy)
-            del row[1 : 1 + (shift - stream.shift) // block]
+        del row[1 : 1 + (shift - stream.shift) // block]
         stream.shift = shift
         while len(row) * block < n + chunk - shift:
             row.append(len(row) + 1 + shift // block)  # any free physical block
@@ -178,41 +184,31 @@ def test_a_sliding_window_group_writes_only_blocks_it_holds(sinks, chunk, window
     layers = [(PagedKV.keys_of(cache, layout), PagedKV.values_of(cache, layout), rope)]
     keys = layers[0][0]
     tokens = torch.randn(400, HEADS, HEAD, generator=torch.Generator().manual_seed(2))
-    stream = StreamState(prompt_len=300)
-    row: list[int] = []  # the compact block row; freed blocks keep their (stale) ids
     freed: dict[int, torch.Tensor] = {}  # physical block -> what the other stream wrote
-    shift, n, rebases = 0, 0, 0
-    while n < 300:
-        # The scheduler frees what the layer's window has passed; another stream writes it.
-        first_held = policy.sliding_first_held_block(n, sliding)
-        for absolute in range(1, first_held):
+    rebases = 0
+    # The compact block row keeps the (stale) ids of freed blocks.
+    for plan, row, shift, n in stream_steps(layers, policy, period, 300, chunk, sliding):
+        rebases += bool(plan.window_blocks)
+        offset = shift // block % period * block
+        for t in range(n, n + chunk):
+            index = t - shift
+            where = (torch.tensor([row[index // block]]), slice(index % block, index % block + 1))
+            key = at_positions(True, tokens[t : t + 1], [index + offset])
+            keys.set(*where, key.view(1, HEADS, 1, HEAD))
+        end = n + chunk
+        assert all(torch.equal(cache[b], kept) for b, kept in freed.items())  # never written
+        attended = range(max(sinks, end - sliding, 0), end)  # the last query's window, sinks aside
+        if attended:
+            indices = [a - shift for a in attended]
+            in_cache = keys.get(torch.tensor(row)).transpose(1, 2).flatten(0, 1)
+            expected = at_positions(True, tokens[list(attended)], [i + offset for i in indices])
+            assert (in_cache[indices] - expected).abs().max() < 1e-5, end
+        # Before the next step the scheduler frees what the layer's window has passed,
+        # and another stream writes it.
+        for absolute in range(1, policy.sliding_first_held_block(end, sliding)):
             index = absolute - shift // block
             if index >= 1 and row[index] not in freed:
                 cache[row[index]] = torch.randn(cache[row[index]].shape)
                 freed[row[index]] = cache[row[index]].clone()
-        plan = EvictionPlan(period, sliding_window=sliding)
-        new_shift = plan.add(policy, stream, row, n)
-        if plan:
-            rebases += bool(plan.window_blocks)
-            apply_eviction_plan(plan, layers, policy)
-        del row[1 : 1 + (new_shift - shift) // block]
-        shift = stream.shift = new_shift
-        offset = shift // block % period * block
-        for t in range(n, n + chunk):
-            index = t - shift
-            if index // block == len(row):
-                row.append(len(row) + 1 + shift // block)
-            where = (torch.tensor([row[index // block]]), slice(index % block, index % block + 1))
-            key = at_positions(True, tokens[t : t + 1], [index + offset])
-            keys.set(*where, key.view(1, HEADS, 1, HEAD))
-        n += chunk
-        assert all(torch.equal(cache[b], kept) for b, kept in freed.items())  # never written
-        attended = range(max(sinks, n - sliding, 0), n)  # the last query's window, sinks aside
-        if not attended:
-            continue
-        indices = [a - shift for a in attended]
-        in_cache = keys.get(torch.tensor(row)).transpose(1, 2).flatten(0, 1)
-        expected = at_positions(True, tokens[list(attended)], [i + offset for i in indices])
-        assert (in_cache[indices] - expected).abs().max() < 1e-5, n
     assert rebases >= 3
     assert freed or window == sliding  # with W = sliding, only the refill's source is freed
