@@ -1,4 +1,4 @@
-"""Patch: ``--streaming-sinks`` / ``--streaming-window`` / ``--streaming-snapshots`` on vLLM's CLI.
+"""Patch: the ``--streaming-*`` flags on vLLM's CLI.
 
 Targets (vLLM 0.32.0, ``vllm/engine/arg_utils.py``):
   * ``EngineArgs.add_cli_args`` (staticmethod): adds a "Streaming (vllm-sink)"
@@ -22,6 +22,7 @@ from vllm_sink.config import (
     DEFAULT_SINKS,
     DEFAULT_SNAPSHOTS,
     DEFAULT_WINDOW,
+    HOST_SIZE_KEY,
     SINKS_KEY,
     SNAPSHOTS_KEY,
     WINDOW_KEY,
@@ -66,6 +67,17 @@ def add_streaming_arguments(parser: argparse.ArgumentParser) -> None:
         f"turn) prefills only its new tokens (default {DEFAULT_SNAPSHOTS}; 0 keeps none). "
         "Their KV blocks count as free: live streams take them first.",
     )
+    group.add_argument(
+        "--streaming-snapshot-host-size",
+        type=float,
+        default=None,
+        metavar="GiB",
+        help="Host memory for the snapshots the KV cache gives up (a block handed to a "
+        "live stream, or more than --streaming-snapshots), least recently used out "
+        "first; a request that continues one has it restored instead of streaming its "
+        "history again. Summed over tensor-parallel ranks, like --kv-offloading-size "
+        "(default 0: off).",
+    )
 
 
 def fold_into_additional_config(engine_args, args: argparse.Namespace) -> None:
@@ -73,6 +85,7 @@ def fold_into_additional_config(engine_args, args: argparse.Namespace) -> None:
         SINKS_KEY: getattr(args, "streaming_sinks", None),
         WINDOW_KEY: getattr(args, "streaming_window", None),
         SNAPSHOTS_KEY: getattr(args, "streaming_snapshots", None),
+        HOST_SIZE_KEY: getattr(args, "streaming_snapshot_host_size", None),
     }
     values = {key: value for key, value in values.items() if value is not None}
     if values:

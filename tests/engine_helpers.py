@@ -8,21 +8,26 @@ FP32_TOLERANCE = 1e-3
 """Per-token logprob, a float32 engine against the float32 reference."""
 
 
-def streaming(sinks: int, window: int) -> dict:
-    return {"additional_config": {"streaming_sinks": sinks, "streaming_window": window}}
+def streaming(sinks: int, window: int, **settings) -> dict:
+    """``LLM`` arguments for streaming; ``settings``: more ``streaming_*`` keys."""
+    config = {"streaming_sinks": sinks, "streaming_window": window, **settings}
+    return {"additional_config": config}
 
 
 def tiny_streaming_engine(
-    engine_factory, model, sinks, window, block, chunk, dtype="float32", **extra
+    engine_factory, model, sinks, window, block, chunk, dtype="float32", settings=None, **extra
 ):
-    """A streaming engine (float32 unless told) on the tiny Llama (token ids in, no tokenizer)."""
+    """A streaming engine (float32 unless told) on the tiny Llama (token ids in, no tokenizer).
+
+    ``settings``: more ``streaming_*`` keys for ``additional_config``.
+    """
     return engine_factory(
         model,
         dtype=dtype,
         block_size=block,
         max_num_batched_tokens=chunk,
         skip_tokenizer_init=True,
-        **streaming(sinks, window),
+        **streaming(sinks, window, **(settings or {})),
         **extra,
     )
 

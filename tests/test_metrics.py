@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 from prometheus_client import CollectorRegistry, generate_latest
-from test_kv_cache_manager import make_manager, owned, step
 
 from vllm_sink.core.policy import SinkWindowPolicy
 from vllm_sink.metrics import (
@@ -17,6 +16,7 @@ from vllm_sink.metrics import (
     remove_orphaned_boards,
 )
 from vllm_sink.scheduler.kv_cache import StreamingManagers
+from vllm_sink_dev.kv_managers import make_manager, owned, step
 
 
 def test_collector_exposes_its_engines_boards(tmp_path):

@@ -32,6 +32,11 @@ def test_serve_flags_land_in_additional_config():
     engine_args = AsyncEngineArgs.from_cli_args(args)
     assert engine_args.additional_config == {"streaming_sinks": 4, "streaming_window": 1020}
     assert "Streaming (vllm-sink)" in parser.format_help()
+    _, args = parse_serve_args(["--streaming-sinks", "4", "--streaming-snapshot-host-size", "2.5"])
+    settings = StreamingSettings.from_additional_config(
+        AsyncEngineArgs.from_cli_args(args).additional_config
+    )
+    assert settings.host_size == 2.5
 
 
 def test_flags_merge_with_other_additional_config():
@@ -63,6 +68,23 @@ def test_sinks_alone_turn_streaming_on_with_default_window():
         ({"streaming_window": 0}, "--streaming-window .* must be at least 1"),
         ({"streaming_sinks": "four"}, "--streaming-sinks .* must be an integer"),
         ({"streaming_sink": 4}, "unknown streaming setting 'streaming_sink'"),
+        (
+            {"streaming_sinks": 4, "streaming_snapshot_host_size": -1},
+            "--streaming-snapshot-host-size .* 0 \\(off\\) or more GiB",
+        ),
+        (
+            {"streaming_sinks": 4, "streaming_snapshot_host_size": float("nan")},
+            "--streaming-snapshot-host-size .* 0 \\(off\\) or more GiB",
+        ),
+        (
+            {"streaming_sinks": 4, "streaming_snapshot_host_size": "lots"},
+            "--streaming-snapshot-host-size .* a size in GiB",
+        ),
+        (
+            {"streaming_sinks": 4, "streaming_snapshots": 0, "streaming_snapshot_host_size": 1},
+            "--streaming-snapshot-host-size .* needs --streaming-snapshots above 0",
+        ),
+        ({"streaming_snapshot_host_size": 1}, "host-size .* applies to streaming"),
     ],
 )
 def test_bad_values_are_refused(config, message):

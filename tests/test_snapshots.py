@@ -10,10 +10,15 @@ from __future__ import annotations
 import pytest
 import torch
 from engine_helpers import FP32_TOLERANCE, random_prompt, tiny_streaming_engine
-from test_preemption import ScheduleLog
 from vllm import SamplingParams
 
-from vllm_sink_dev.reference import StreamingLlamaReference, window_starts_of_steps
+from vllm_sink_dev.families import GEMMA3_TINY_SLIDING_WINDOW
+from vllm_sink_dev.reference import (
+    StreamingLlamaReference,
+    first_unchanged_step_start,
+    window_starts_of_steps,
+)
+from vllm_sink_dev.schedule_log import ScheduleLog
 
 pytestmark = pytest.mark.engine
 
@@ -77,36 +82,78 @@ def test_next_turn_resumes_the_stream_as_one_uninterrupted_stream(engine, tiny_m
     assert pool.get_num_free_blocks() == free_at_start  # snapshots' blocks count as free
 
 
-def test_a_snapshot_serves_one_request_and_shared_prefixes_stay_apart(engine, tiny_model):
-    """Two conversations share their opening; two requests continue one of them at once."""
+def test_branches_of_a_chat_resume_from_the_same_snapshots(engine, tiny_model):
+    """Regenerate, an edited last message, the next turn from two tabs at once and
+    ``n = 2`` samples each resume from the snapshot of the turn they continue (which
+    outlives the requests that resume it), and every token of every branch matches one
+    uninterrupted stream over that branch."""
     core = engine.engine_core.engine_core
     log = ScheduleLog(core.scheduler)
-    opening = random_prompt(200, seed=51)
-    firsts = {
-        "x1": opening + random_prompt(30, seed=52),
-        "y1": opening + random_prompt(30, seed=53),
-    }
-    outs = run(engine, firsts, 100)
+    pool = core.scheduler.streaming.block_pool
+    free_at_start = pool.get_num_free_blocks()
+    first = random_prompt(300, seed=51)
+    out1, _ = run(engine, {"t1": first}, 150)["t1"]
+    second = first + out1 + random_prompt(40, seed=52)
+    out2, _ = run(engine, {"t2": second}, 100)["t2"]
     hits_before = core.scheduler.snapshot_hits
-    seconds = {
-        "x2": firsts["x1"] + outs["x1"][0] + random_prompt(20, seed=54),
-        "y2": firsts["y1"] + outs["y1"][0] + random_prompt(20, seed=55),
-        "x2-again": firsts["x1"] + outs["x1"][0] + random_prompt(20, seed=54),
+
+    branches = {  # branch: (prompt, the turn it continues)
+        "regenerate": (second, "t1"),
+        "edit": (first + out1 + random_prompt(35, seed=53), "t1"),
+        "next": (second + out2 + random_prompt(20, seed=54), "t2"),
+        "second-tab": (second + out2 + random_prompt(20, seed=54), "t2"),
     }
-    outs2 = run(engine, seconds, 60)
-    assert core.scheduler.snapshot_hits == hits_before + 2  # x2 or x2-again, and y2
+    outs = run(engine, {b: prompt for b, (prompt, _) in branches.items()}, 60)
+    sampled = SamplingParams(
+        n=2, temperature=1.0, seed=7, max_tokens=40, logprobs=0, ignore_eos=True, detokenize=False
+    )
+    engine.add_request("samples", {"prompt_token_ids": branches["next"][0]}, sampled)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                for completion in out.outputs:
+                    ids = list(completion.token_ids)
+                    logprobs = [d[t].logprob for d, t in zip(completion.logprobs, ids)]
+                    outs[f"{completion.index}_samples"] = (ids, logprobs)
+                    branches[f"{completion.index}_samples"] = branches["next"]
+    assert core.scheduler.snapshot_hits == hits_before + 6
 
     ref = StreamingLlamaReference(tiny_model)
-    resumed = 0
+    history = {"t1": log.of("t1"), "t2": log.of("t1") + log.of("t2")}
+    for branch, (prompt, continues) in branches.items():
+        steps = log.of(branch)
+        computed_by = {"t1": len(first) + len(out1) - 1, "t2": len(second) + len(out2) - 1}
+        assert steps[0][0] == computed_by[continues], branch  # resumed: prefilled the rest
+        generated, got = outs[branch]
+        expected = expected_logprobs(
+            ref, prompt + generated, history[continues] + steps, len(prompt)
+        )
+        assert (torch.tensor(got) - expected).abs().max() < FP32_TOLERANCE, branch
+    assert pool.get_num_free_blocks() == free_at_start  # copies freed, snapshots free
+
+
+def test_conversations_sharing_an_opening_each_resume_their_own(engine, tiny_model):
+    core = engine.engine_core.engine_core
+    log = ScheduleLog(core.scheduler)
+    opening = random_prompt(200, seed=56)
+    firsts = {
+        "x1": opening + random_prompt(30, seed=57),
+        "y1": opening + random_prompt(30, seed=58),
+    }
+    outs = run(engine, firsts, 100)
+    seconds = {
+        "x2": firsts["x1"] + outs["x1"][0] + random_prompt(20, seed=59),
+        "y2": firsts["y1"] + outs["y1"][0] + random_prompt(20, seed=60),
+    }
+    outs2 = run(engine, seconds, 60)
+    ref = StreamingLlamaReference(tiny_model)
     for req_id, prompt in seconds.items():
-        steps = log.of(req_id)
-        if steps[0][0]:  # continued its first turn's stream
-            resumed += 1
-            steps = log.of(req_id[0] + "1") + steps
+        own_first = req_id[0] + "1"
+        assert log.of(req_id)[0][0] == len(firsts[own_first]) + len(outs[own_first][0]) - 1
         generated, got = outs2[req_id]
+        steps = log.of(own_first) + log.of(req_id)
         expected = expected_logprobs(ref, prompt + generated, steps, len(prompt))
         assert (torch.tensor(got) - expected).abs().max() < FP32_TOLERANCE, req_id
-    assert resumed == 2
 
 
 def test_preempted_or_aborted_resumed_requests_lose_nothing(engine, tiny_model):
@@ -161,18 +208,61 @@ def test_preempted_or_aborted_resumed_requests_lose_nothing(engine, tiny_model):
     assert pool.get_num_free_blocks() == free_at_start  # nothing leaked
 
 
-def test_a_prompt_that_rewrites_the_last_computed_token_resumes_before_it(engine, tiny_model):
-    """A client's re-tokenized text may change the previous request's last token: the
-    stream resumes where its last step began and computes that token again."""
+def test_a_reply_that_comes_back_changed_near_its_end_resumes_where_it_changed(engine, tiny_model):
+    """A client's re-tokenized text may change the last tokens of the previous reply: the
+    stream resumes where the prompt parts from it, if no eviction came after that point
+    (the cache there is the cache of the stream cut there); otherwise it starts over."""
     core = engine.engine_core.engine_core
     log = ScheduleLog(core.scheduler)
     first = random_prompt(300, seed=81)
     out1, _ = run(engine, {"t1": first}, 100)["t1"]
-    rewritten = 3 if out1[-2] != 3 else 4  # out1[-2] is the last token t1 computed
-    second = first + out1[:-2] + [rewritten] + random_prompt(30, seed=82)
-    out2, got = run(engine, {"t2": second}, 60)["t2"]
-    steps1, steps2 = log.of("t1"), log.of("t2")
-    assert steps2[0][0] == len(first) + len(out1) - 2 == steps1[-1][0]
+    steps1 = log.of("t1")
+    sliding = GEMMA3_TINY_SLIDING_WINDOW if "gemma" in str(tiny_model) else None
+    unchanged_from = first_unchanged_step_start(steps1, SINKS, WINDOW, BLOCK, sliding)
+    computed = len(first) + len(out1) - 1
+    assert len(first) < unchanged_from < computed - 2
+
+    def parting_at(n: int, seed: int) -> list[int]:
+        history = first + out1
+        changed = 3 if history[n] != 3 else 4
+        return history[:n] + [changed] + random_prompt(30, seed=seed)
+
     ref = StreamingLlamaReference(tiny_model)
-    expected = expected_logprobs(ref, second + out2, steps1 + steps2, len(second))
-    assert (torch.tensor(got) - expected).abs().max() < FP32_TOLERANCE
+    for req_id, parts_at in (("t2", computed - 1), ("t3", unchanged_from + 1)):
+        prompt = parting_at(parts_at, seed=82)
+        generated, got = run(engine, {req_id: prompt}, 40)[req_id]
+        assert log.of(req_id)[0][0] == parts_at, req_id
+        expected = expected_logprobs(ref, prompt + generated, steps1 + log.of(req_id), len(prompt))
+        assert (torch.tensor(got) - expected).abs().max() < FP32_TOLERANCE, req_id
+    run(engine, {"t4": parting_at(unchanged_from - 1, seed=83)}, 10)
+    assert log.of("t4")[0][0] == 0  # its cache then held blocks the stream evicted later
+
+
+def test_snapshots_the_pool_gives_up_resume_from_host_memory(tiny_model, engine_factory):
+    """With room for one snapshot in the pool, the other conversation's goes to host
+    memory and its next turn is restored from there: the same stream, continued."""
+    host_bytes = 4 * 2**20
+    config = {"streaming_snapshots": 1, "streaming_snapshot_host_size": host_bytes / 2**30}
+    llm = tiny_streaming_engine(
+        engine_factory, tiny_model, SINKS, WINDOW, BLOCK, CHUNK, settings=config
+    )
+    engine = llm.llm_engine
+    core = engine.engine_core.engine_core
+    log = ScheduleLog(core.scheduler)
+    firsts = {"a1": random_prompt(300, seed=91), "b1": random_prompt(280, seed=92)}
+    outs = run(engine, firsts, 120)
+    seconds = {name[0] + "2": firsts[name] + outs[name][0] + random_prompt(30, seed=93)
+               for name in firsts}  # fmt: skip
+    outs2 = {**run(engine, {"b2": seconds["b2"]}, 60), **run(engine, {"a2": seconds["a2"]}, 60)}
+    assert core.scheduler.tier_hits == {"pool": 1, "host": 1}  # b1 from the pool, a1 from host
+
+    ref = StreamingLlamaReference(tiny_model)
+    for req_id, prompt in seconds.items():
+        first = req_id[0] + "1"
+        assert log.of(req_id)[0][0] == len(firsts[first]) + len(outs[first][0]) - 1
+        generated, got = outs2[req_id]
+        steps = log.of(first) + log.of(req_id)
+        expected = expected_logprobs(ref, prompt + generated, steps, len(prompt))
+        assert (torch.tensor(got) - expected).abs().max() < FP32_TOLERANCE, req_id
+    vault = core.model_executor.driver_worker.worker.model_runner._snapshots
+    assert 0 < vault.host_bytes <= host_bytes

@@ -68,7 +68,7 @@ def test_two_million_token_stream_keeps_kv_and_host_memory_flat(tiny_llama, engi
         if step % 128 == 0 and manager.req_to_blocks:
             (req_id,) = manager.req_to_blocks
             samples.append(
-                (manager._stream_tokens[req_id], manager.resident_blocks(req_id), rss_bytes())
+                (manager.stream_lengths()[req_id], manager.resident_blocks(req_id), rss_bytes())
             )
     (out,) = outputs
     assert len(out.outputs[0].token_ids) == 64

@@ -8,6 +8,7 @@ and checked. Streaming is on when either key is present.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,8 @@ if TYPE_CHECKING:
 SINKS_KEY = "streaming_sinks"
 WINDOW_KEY = "streaming_window"
 SNAPSHOTS_KEY = "streaming_snapshots"
-ALL_KEYS = (SINKS_KEY, WINDOW_KEY, SNAPSHOTS_KEY)
+HOST_SIZE_KEY = "streaming_snapshot_host_size"
+ALL_KEYS = (SINKS_KEY, WINDOW_KEY, SNAPSHOTS_KEY, HOST_SIZE_KEY)
 KEY_PREFIX = "streaming_"
 """additional_config keys with this prefix are vllm-sink's: unknown ones are refused."""
 
@@ -29,12 +31,14 @@ DEFAULT_SINKS = 4
 DEFAULT_WINDOW = 1020
 """The paper's main setting (4 sinks + 1020 recent tokens, a 1024-token cache)."""
 DEFAULT_SNAPSHOTS = 64
-"""Finished streams kept for the requests that continue them (see ``scheduler.snapshots``).
+"""Finished streams kept in the KV pool for the requests that continue them (see
+``scheduler.snapshots``).
 
-Their KV blocks count as free (live streams take them, oldest first), so the
-number only bounds bookkeeping: the worker keeps each one's sink keys
-(``S x layers x KV heads x head size`` values, 92 KB for SmolLM2 in float32).
+Their KV blocks count as free (live streams take them, least recently used
+first), so the number only bounds bookkeeping: the worker keeps each one's sink
+keys (``S x layers x KV heads x head size`` values, 92 KB for SmolLM2 in float32).
 """
+GIB = 2**30
 UNLIMITED_STREAM_LEN = 2**40
 """``max_model_len`` when the user gives none: streams have no length limit.
 
@@ -55,6 +59,8 @@ class StreamingSettings:
     sinks: int = DEFAULT_SINKS
     window: int = DEFAULT_WINDOW
     snapshots: int = DEFAULT_SNAPSHOTS
+    host_size: float = 0.0
+    """GiB of host memory (over all tensor-parallel ranks) for snapshots the pool gives up."""
 
     @classmethod
     def from_additional_config(
@@ -74,11 +80,12 @@ class StreamingSettings:
                 f"additional_config; the settings are {', '.join(map(repr, ALL_KEYS))}"
             )
         if SINKS_KEY not in additional_config and WINDOW_KEY not in additional_config:
-            if SNAPSHOTS_KEY in additional_config:
-                raise StreamingConfigError(
-                    f"{_name(SNAPSHOTS_KEY)} applies to streaming: add --streaming-sinks "
-                    "or --streaming-window"
-                )
+            for key in ALL_KEYS:
+                if key in additional_config:
+                    raise StreamingConfigError(
+                        f"{_name(key)} applies to streaming: add --streaming-sinks "
+                        "or --streaming-window"
+                    )
             return None
         sinks = _as_int(additional_config.get(SINKS_KEY, DEFAULT_SINKS), SINKS_KEY)
         window = _as_int(additional_config.get(WINDOW_KEY, DEFAULT_WINDOW), WINDOW_KEY)
@@ -96,7 +103,12 @@ class StreamingSettings:
             raise StreamingConfigError(
                 f"{_name(SNAPSHOTS_KEY)} must be 0 (none kept) or more (got {snapshots})"
             )
-        return cls(sinks=sinks, window=window, snapshots=snapshots)
+        host_size = _as_size(additional_config.get(HOST_SIZE_KEY, 0), HOST_SIZE_KEY)
+        if host_size and not snapshots:
+            raise StreamingConfigError(
+                f"{_name(HOST_SIZE_KEY)} holds snapshots: it needs --streaming-snapshots above 0"
+            )
+        return cls(sinks=sinks, window=window, snapshots=snapshots, host_size=host_size)
 
 
 def _name(key: str) -> str:
@@ -111,6 +123,19 @@ def _as_int(value: Any, key: str) -> int:
         return int(value)
     except ValueError:
         raise StreamingConfigError(f"{_name(key)} must be an integer (got {value!r})") from None
+
+
+def _as_size(value: Any, key: str) -> float:
+    """A size in GiB: a finite number, 0 or more."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise StreamingConfigError(f"{_name(key)} must be a size in GiB (got {value!r})")
+    try:
+        size = float(value)
+    except ValueError:
+        raise StreamingConfigError(f"{_name(key)} must be a size in GiB (got {value!r})") from None
+    if not math.isfinite(size) or size < 0:
+        raise StreamingConfigError(f"{_name(key)} must be 0 (off) or more GiB (got {value!r})")
+    return size
 
 
 def streaming_settings(vllm_config: VllmConfig) -> StreamingSettings:

@@ -30,6 +30,10 @@ import numpy as np
 BOARD_PREFIX, BOARD_SUFFIX = "vllm-sink-", ".metrics"
 """A board's file name: prefix, PID namespace, writer's process id, engine, suffix."""
 
+SNAPSHOT_TIERS = ("pool", "host")
+"""Where snapshots live (:mod:`vllm_sink.scheduler.snapshot_keeper`)."""
+TIER_FIGURES = ("count", "bytes", "hits")
+
 FIELDS = (
     "streams",
     "streams_evicting",
@@ -44,6 +48,10 @@ FIELDS = (
     "snapshot_hits",
     "snapshot_misses",
     "snapshot_tokens_skipped",
+    *(f"snapshot_{figure}_{tier}" for tier in SNAPSHOT_TIERS for figure in TIER_FIGURES),
+    "snapshot_spills",
+    "snapshot_spill_us",
+    "snapshot_restore_us",
 )
 BOARD_BYTES = 8 * len(FIELDS)
 
@@ -83,6 +91,17 @@ class StreamingBoard:
     def publish(self, figures: dict[str, int]) -> None:
         for name, value in figures.items():
             self._values[FIELDS.index(name)] = value
+
+
+def open_board(engine: str, directory: Path | None = None) -> StreamingBoard | None:
+    """The board an engine core created for ``engine``, for a second writer (its worker).
+
+    ``None`` when there is none (stats off). The worker writes only fields
+    the scheduler leaves alone.
+    """
+    instance_id, _, index = engine.rpartition("-")
+    path = boards_of(instance_id, directory).get(index)
+    return None if path is None else StreamingBoard(path)
 
 
 def read_board(path: Path) -> dict[str, int] | None:
@@ -172,7 +191,21 @@ _METRICS = (
      "New requests that continued no snapshot (streamed from their start)."),
     ("vllm_sink:snapshot_tokens_skipped", "counter", "snapshot_tokens_skipped",
      "Prompt tokens not prefilled because a snapshot held their KV."),
+    ("vllm_sink:snapshot_spills", "counter", "snapshot_spills",
+     "Snapshots the KV cache gave up that were copied to host memory."),
+    ("vllm_sink:snapshot_spill_seconds", "counter", "snapshot_spill_us",
+     "Time the worker spent copying snapshots to host memory."),
+    ("vllm_sink:snapshot_restore_seconds", "counter", "snapshot_restore_us",
+     "Time the worker spent restoring snapshots from host memory into the KV cache."),
 )  # fmt: skip
+_TIER_METRICS = (
+    ("vllm_sink:snapshot_tier_snapshots", "gauge", "count", "Snapshots held, by tier."),
+    ("vllm_sink:snapshot_tier_bytes", "gauge", "bytes",
+     "Bytes of KV held by snapshots, by tier (pool: free blocks live streams take first)."),
+    ("vllm_sink:snapshot_tier_hits", "counter", "hits",
+     "New requests that continued a snapshot, by the tier it was found in."),
+)  # fmt: skip
+_MICROSECONDS = {"snapshot_spill_us", "snapshot_restore_us"}
 
 
 class StreamingCollector:
@@ -203,8 +236,16 @@ class StreamingCollector:
         for name, kind, field, documentation in _METRICS:
             family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
             metric = family(name, documentation, labels=["model_name", "engine"])
+            scale = 1e-6 if field in _MICROSECONDS else 1
             for labels, figures in boards:
-                metric.add_metric(labels, figures[field])
+                metric.add_metric(labels, figures[field] * scale)
+            yield metric
+        for name, kind, figure, documentation in _TIER_METRICS:
+            family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+            metric = family(name, documentation, labels=["model_name", "engine", "tier"])
+            for labels, figures in boards:
+                for tier in SNAPSHOT_TIERS:
+                    metric.add_metric([*labels, tier], figures[f"snapshot_{figure}_{tier}"])
             yield metric
 
     def remove_boards(self) -> None:

@@ -49,7 +49,7 @@ INTERNALS: tuple[Internal, ...] = (
              ("scheduler_output", "sampler_output"), "worker.seeded_sampling"),
     *(
         Internal(RUNNER, "GPUModelRunner", name, "attribute", (), WORKER_ADAPTER)
-        for name in ("discard_request_mask", "positions", "requests", "input_batch")
+        for name in ("discard_request_mask", "positions", "requests", "input_batch", "kv_caches")
     ),
     # The persistent batch, re-classed and rewritten row by row.
     Internal(BATCH, "InputBatch", "add_request", "method", ("request",), "worker.input_batch"),
@@ -123,9 +123,15 @@ INTERNALS: tuple[Internal, ...] = (
         for name in ("num_cached_block", "block_pool")
     ),
     Internal("vllm.v1.core.block_pool", "BlockPool", "unpin_blocks", "method",
-             ("blocks", "on_reuse"), "scheduler.kv_cache"),
+             ("blocks", "on_reuse"), "scheduler.snapshot_keeper"),
     Internal("vllm.v1.core.block_pool", "BlockPool", "touch", "method", ("blocks",),
-             "scheduler.kv_cache"),
+             "scheduler.snapshot_keeper"),
+    Internal("vllm.v1.core.block_pool", "BlockPool", "get_new_blocks", "method",
+             ("num_blocks",), "scheduler.snapshot_keeper"),
+    Internal("vllm.v1.core.block_pool", "BlockPool", "free_blocks", "method",
+             ("ordered_blocks",), "scheduler.kv_cache"),
+    Internal(KV_MANAGER, "SingleTypeKVCacheManager", "get_num_blocks_to_allocate", "method",
+             ("request_id", "num_tokens", "new_computed_blocks"), "scheduler.kv_cache"),
     *(
         Internal(SCHED_OUTPUT, "NewRequestData", name, "field", (), WORKER_ADAPTER)
         for name in ("sampling_params", "block_ids", "num_computed_tokens", "prompt_token_ids")

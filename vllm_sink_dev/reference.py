@@ -33,6 +33,31 @@ def evicted_tokens(num_computed: int, sinks: int, window: int, block_size: int) 
     return max(0, (num_computed + 1 - sinks - window) // block_size) * block_size
 
 
+def first_unchanged_step_start(
+    steps: list[tuple[int, int]],
+    sinks: int,
+    window: int,
+    block_size: int,
+    sliding_window: int | None = None,
+) -> int:
+    """The earliest step start after which no step changed what the stream's cache holds.
+
+    ``steps`` as for :func:`window_starts_of_steps`, in order. The cache changes
+    only where a step begins: whole blocks leave the window (README rule) and,
+    in a sliding-window layer group, whole blocks its window has passed are
+    freed. Cut anywhere from here on, the cache is that of the stream cut there.
+    """
+
+    def state(n: int) -> tuple[int, int]:
+        passed = 0 if sliding_window is None else max(1, (n - sliding_window + 1) // block_size)
+        return evicted_tokens(n, sinks, window, block_size), passed
+
+    first = len(steps) - 1
+    while first and state(steps[first - 1][0]) == state(steps[-1][0]):
+        first -= 1
+    return steps[first][0]
+
+
 def window_starts(
     num_tokens: int,
     sinks: int,

@@ -17,7 +17,7 @@ the scheduler sees of them together: snapshots and figures.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,7 +25,7 @@ from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, SlidingWindowSpec
 
 from vllm_sink.core.policy import SinkWindowPolicy, _cdiv
-from vllm_sink.scheduler.snapshots import Snapshot, SnapshotStore
+from vllm_sink.scheduler.snapshot_keeper import SnapshotKeeper
 from vllm_sink.scheduler.vllm_scheduler import register_builtin_specs
 
 if TYPE_CHECKING:
@@ -114,29 +114,43 @@ class StreamingSlidingSpec(_StreamingSpec, SlidingWindowSpec):
         return cls(**fields, **_policy_fields(policy))
 
 
+@dataclass
+class StreamProgress:
+    """Where one request's stream stands, as this group's manager tracks it."""
+
+    tokens: int
+    """Tokens computed when its latest step began."""
+    state: Hashable
+    """What the group's cache holds then (:meth:`_StreamingManager.cache_state`)."""
+    since: int
+    """The step start from which :attr:`state` has held: the cache over any first ``L``
+    tokens, ``L`` from here on, is that of a stream cut at ``L``."""
+    freed_until: int = 1
+    """Blocks ``1 ..`` this one ``- 1`` are freed (null placeholders in the row)."""
+
+
 class _StreamingManager(SingleTypeKVCacheManager):
-    """Frees a stream's blocks below :meth:`first_held_block`; hands over snapshots.
+    """Frees a stream's blocks below :meth:`first_held_block`; resumes snapshots by copy.
 
     Streams run with vLLM's prefix caching off (start-up refuses it): blocks
     are never cached by their token prefix. A finished stream's blocks may
-    instead be kept whole as a snapshot (:mod:`vllm_sink.scheduler.snapshots`),
-    which the scheduler hands to the next request that continues the stream,
-    as a cache hit of the stream's ``N`` tokens.
+    instead be kept whole as a snapshot (:mod:`vllm_sink.scheduler.snapshot_keeper`),
+    which the scheduler offers to a request that continues the stream as a
+    cache hit; the request gets a copy of them.
     """
 
     def __init__(self, kv_cache_spec: _StreamingSpec, **kwargs) -> None:
         self.policy = kv_cache_spec.policy
         kwargs["max_admission_blocks_per_request"] = self.max_blocks_per_stream(kv_cache_spec)
         super().__init__(kv_cache_spec, **kwargs)
-        self._freed_until: dict[str, int] = {}
-        self._stream_tokens: dict[str, int] = {}
-        """Tokens each stream had processed at the start of its latest step."""
+        self._progress: dict[str, StreamProgress] = {}
         self.peak_resident_blocks = 0
         """Most blocks any one request has held at once (for tests and metrics)."""
         self.num_evicted_blocks = 0
         """Blocks returned to the pool so far."""
-        self.snapshots = SnapshotStore(0, self.block_size, b"")
-        """Finished streams kept for the requests that continue them, shared by all groups."""
+        self.snapshots: SnapshotKeeper | None = None
+        """Finished streams kept for the requests that continue them, shared by all groups
+        (set by :class:`StreamingManagers`)."""
 
     def max_blocks_per_stream(self, spec: _StreamingSpec) -> int:
         raise NotImplementedError
@@ -145,10 +159,22 @@ class _StreamingManager(SingleTypeKVCacheManager):
         """The request's first block after the head that a step starting at ``n`` needs."""
         raise NotImplementedError
 
+    def cache_state(self, num_computed_tokens: int) -> Hashable:
+        """What decides the group's cache for a step starting at ``n`` (changes only there)."""
+        raise NotImplementedError
+
+    def progress(self, request_id: str) -> StreamProgress | None:
+        return self._progress.get(request_id)
+
+    def stream_lengths(self) -> dict[str, int]:
+        """Tokens each stream had computed when its latest step began."""
+        return {req: p.tokens for req, p in self._progress.items()}
+
     def resident_blocks(self, request_id: str) -> int:
         """Blocks the request holds now (freed slots are null placeholders)."""
         blocks = self.req_to_blocks.get(request_id, ())
-        return len(blocks) - max(0, self._freed_until.get(request_id, 1) - 1)
+        progress = self._progress.get(request_id)
+        return len(blocks) - (progress.freed_until - 1 if progress else 0)
 
     def remove_skipped_blocks(
         self,
@@ -156,14 +182,19 @@ class _StreamingManager(SingleTypeKVCacheManager):
         processed_computed_tokens: int,
         num_prompt_tokens: int | None = None,
     ) -> None:
-        self._stream_tokens[request_id] = processed_computed_tokens
-        first_held = self.first_held_block(processed_computed_tokens)
-        first_held = min(first_held, len(self.req_to_blocks.get(request_id, ())))
-        already = self._freed_until.get(request_id, 1)
-        if first_held > already:
+        n = processed_computed_tokens
+        state = self.cache_state(n)
+        progress = self._progress.get(request_id)
+        if progress is None:
+            progress = self._progress[request_id] = StreamProgress(n, state, n)
+        elif state != progress.state:
+            progress.state, progress.since = state, n
+        progress.tokens = n
+        first_held = min(self.first_held_block(n), len(self.req_to_blocks.get(request_id, ())))
+        if first_held > progress.freed_until:
             self._remove_blocks_in_range(request_id, 1, first_held)
-            self.num_evicted_blocks += first_held - already
-            self._freed_until[request_id] = first_held
+            self.num_evicted_blocks += first_held - progress.freed_until
+            progress.freed_until = first_held
 
     def allocate_new_blocks(
         self, request_id: str, num_tokens: int, num_tokens_main_model: int
@@ -174,24 +205,26 @@ class _StreamingManager(SingleTypeKVCacheManager):
 
     def free(self, request_id: str) -> None:
         super().free(request_id)
-        self._freed_until.pop(request_id, None)
-        self._stream_tokens.pop(request_id, None)
+        self._progress.pop(request_id, None)
 
     # ---------------------------------------------------------------- snapshots
-    def pop_snapshot_blocks(self, request_id: str, held: int) -> tuple[tuple, int, int | None]:
-        """Take a finished request's first ``held`` blocks for a snapshot; free the rest.
-
-        Returns the blocks, the index below which blocks were freed, and the
-        tokens computed before the request's last step (``None`` if unknown).
-        """
+    def pop_snapshot_blocks(self, request_id: str, held: int) -> tuple[tuple, StreamProgress]:
+        """Take a finished request's first ``held`` blocks for a snapshot; free the rest."""
         blocks = self.pop_blocks_for_free(request_id)
         self.block_pool.free_blocks(reversed(blocks[held:]))  # past the computed tokens
-        freed_until = self._freed_until.pop(request_id, 1)
-        last_step_start = self._stream_tokens.pop(request_id, None)
-        return tuple(blocks[:held]), freed_until, last_step_start
+        return tuple(blocks[:held]), self._progress.pop(request_id)
+
+    def get_num_blocks_to_allocate(
+        self, request_id: str, num_tokens: int, new_computed_blocks, *args, **kwargs
+    ) -> int:
+        """vLLM's count, plus the copies of a snapshot the request resumes."""
+        needed = super().get_num_blocks_to_allocate(
+            request_id, num_tokens, new_computed_blocks, *args, **kwargs
+        )
+        return needed + sum(not block.is_null for block in new_computed_blocks)
 
     def _has_partial_local_hit(self, new_computed_blocks, num_local_computed_tokens) -> bool:
-        # A snapshot is used once: its last block is written in place, no copy.
+        # The whole hit is copied (see add_local_computed_blocks), its last block too.
         return False
 
     def add_local_computed_blocks(
@@ -201,28 +234,30 @@ class _StreamingManager(SingleTypeKVCacheManager):
         num_local_computed_tokens: int,
         num_external_computed_tokens: int,
     ) -> None:
-        """Hand this group's blocks of the snapshot the scheduler found to the request.
+        """Give the request a copy of this group's blocks of the snapshot the scheduler found.
 
-        The hit may stop short of the snapshot's end (inside its last step):
-        blocks past the hit stay free.
+        The hit may stop short of the snapshot's end (inside the span its
+        cache has not changed since): blocks past the hit are not copied.
         """
+        length = num_local_computed_tokens
+        snapshot = self.snapshots.snapshot_of(new_computed_blocks[0]) if self.snapshots else None
         group = self.kv_cache_group_id
-        snapshot = self.snapshots.owner_of(new_computed_blocks[0])
         if snapshot is None or not (
-            snapshot.last_step_start <= num_local_computed_tokens <= snapshot.num_tokens
-            and tuple(new_computed_blocks)
-            == self.snapshots.blocks_for(snapshot, num_local_computed_tokens)[group]
+            snapshot.resumable_from <= length <= snapshot.num_tokens
+            and tuple(new_computed_blocks) == self.snapshots.pool_row(snapshot, group, length)
         ):
             raise RuntimeError(f"vllm-sink: no snapshot for the cache hit of {request_id}")
-        self.snapshots.hand_over(snapshot, group)
-        self.block_pool.touch([block for block in new_computed_blocks if not block.is_null])
         req_blocks = self.req_to_blocks[request_id]
         assert not req_blocks, "a snapshot goes to a request that holds no blocks yet"
-        req_blocks.extend(new_computed_blocks)
+        req_blocks.extend(self.snapshots.copy_row(new_computed_blocks))
         self.num_cached_block[request_id] = len(req_blocks)
-        self._freed_until[request_id] = snapshot.freed_until[group]
+        state, unchanged_since = self.cache_state(length), snapshot.resumable_from
+        since = unchanged_since if state == self.cache_state(unchanged_since) else length
+        self._progress[request_id] = StreamProgress(
+            length, state, since, snapshot.freed_until[group]
+        )
         # Free what the stream evicts before its first step as this request.
-        self.remove_skipped_blocks(request_id, num_local_computed_tokens)
+        self.remove_skipped_blocks(request_id, length)
 
     @classmethod
     def find_longest_cache_hit(cls, *args, **kwargs):
@@ -243,6 +278,9 @@ class StreamingSinkManager(_StreamingManager):
     def first_held_block(self, num_computed_tokens: int) -> int:
         return max(1, self.policy.freeable_block_range(num_computed_tokens)[1])
 
+    def cache_state(self, num_computed_tokens: int) -> Hashable:
+        return self.policy.evicted_blocks(num_computed_tokens)
+
 
 class StreamingSlidingManager(_StreamingManager):
     """Sliding-window layers: the head block + the blocks the layer's window still reads."""
@@ -255,6 +293,11 @@ class StreamingSlidingManager(_StreamingManager):
         sliding_window = self.kv_cache_spec.sliding_window  # type: ignore[attr-defined]
         return self.policy.sliding_first_held_block(num_computed_tokens, sliding_window)
 
+    def cache_state(self, num_computed_tokens: int) -> Hashable:
+        # The head block's tail is refilled at evictions while its source is held.
+        n = num_computed_tokens
+        return self.policy.evicted_blocks(n), self.first_held_block(n)
+
 
 class StreamingManagers:
     """The scheduler's view of an engine's streaming groups: one sink group, any sliding ones."""
@@ -266,10 +309,14 @@ class StreamingManagers:
         self.groups: list[_StreamingManager] = list(managers)  # type: ignore[arg-type]
         (self.sinks,) = (m for m in self.groups if isinstance(m, StreamingSinkManager))
         self.block_pool = self.sinks.block_pool
-        self.snapshots = self.sinks.snapshots
+        self.enable_snapshots(0, b"")
 
-    def enable_snapshots(self, capacity: int, salt: bytes) -> None:
-        self.snapshots = SnapshotStore(capacity, self.sinks.block_size, salt)
+    def enable_snapshots(
+        self, capacity: int, salt: bytes, host_bytes: int = 0, bytes_per_block: int = 0
+    ) -> None:
+        self.snapshots = SnapshotKeeper(
+            self.block_pool, self.sinks.block_size, capacity, salt, host_bytes, bytes_per_block
+        )
         for manager in self.groups:
             manager.snapshots = self.snapshots
 
@@ -283,32 +330,26 @@ class StreamingManagers:
             self.snapshots.capacity <= 0
             or not tokens
             or not all(m.req_to_blocks.get(request_id) for m in self.groups)
+            or not all(m.progress(request_id) for m in self.groups)
         ):
             return False
         held = _cdiv(len(tokens), self.sinks.block_size)
         taken = [m.pop_snapshot_blocks(request_id, held) for m in self.groups]
-        self.snapshots.add(
+        resumable_from = max(progress.since for _, progress in taken)
+        self.snapshots.keep(
+            request_id,
             tokens,
             request_salt,
-            source_request_id=request_id,
-            last_step_start=len(tokens) if taken[0][2] is None else taken[0][2],
-            blocks=tuple(blocks for blocks, _, _ in taken),
-            freed_until=tuple(freed for _, freed, _ in taken),
-            release=self._release,
+            rows=tuple(blocks for blocks, _ in taken),
+            freed_until=tuple(progress.freed_until for _, progress in taken),
+            resumable_from=resumable_from,
+            shift=self.sinks.policy.position_shift(resumable_from),
         )
         return True
 
-    def _release(self, snapshot: Snapshot) -> None:
-        """Return a snapshot's blocks to the pool's free queue, readable until reused."""
-        live = [block for group in snapshot.blocks for block in group if not block.is_null]
-        self.block_pool.unpin_blocks(live, self._on_block_reuse)
-
-    def _on_block_reuse(self, block: KVCacheBlock) -> None:
-        self.snapshots.block_reused(block.block_id)
-
     @property
     def has_streams(self) -> bool:
-        return bool(self.sinks._stream_tokens)
+        return bool(self.sinks.stream_lengths())
 
     def figures(self) -> dict[str, int]:
         """The figures for ``/metrics`` (:data:`vllm_sink.metrics.FIELDS`), O(streams).
@@ -317,16 +358,15 @@ class StreamingManagers:
         the pool); tokens are the sink group's, which holds the most of them.
         """
         sinks = self.sinks
-        lengths = list(sinks._stream_tokens.values())
+        streams = sinks.stream_lengths()
+        lengths = list(streams.values())
         evicted = [sinks.policy.evicted_blocks(n) for n in lengths]
         resident_tokens = [n - e * sinks.policy.block_size for n, e in zip(lengths, evicted)]
         return {
             "streams": len(lengths),
             "streams_evicting": sum(e > 0 for e in evicted),
             "evicted_blocks": sum(m.num_evicted_blocks for m in self.groups),
-            "resident_blocks": sum(
-                m.resident_blocks(r) for m in self.groups for r in sinks._stream_tokens
-            ),
+            "resident_blocks": sum(m.resident_blocks(r) for m in self.groups for r in streams),
             "resident_tokens": sum(resident_tokens),
             "max_resident_tokens": max(resident_tokens, default=0),
             "longest_stream_tokens": max(lengths, default=0),

@@ -1,11 +1,12 @@
 """The streaming engine's scheduler: vLLM's own, with snapshots and the streaming figures.
 
 * A finished stream's blocks are kept as a snapshot instead of freed, and a new
-  request whose prompt begins with a snapshot's tokens gets it as its cache hit
-  (vLLM's own prefix-hit path: ``_get_local_prefix_cache_hit``), prefilling
-  only the rest (:mod:`vllm_sink.scheduler.snapshots`). The worker learns which
-  stream it continues from the request's ``extra_args``
-  (:data:`~vllm_sink.scheduler.snapshots.RESUME_KEY`).
+  request whose prompt begins with a snapshot's tokens gets a copy of it as its
+  cache hit (vLLM's own prefix-hit path: ``_get_local_prefix_cache_hit``),
+  prefilling only the rest (:mod:`vllm_sink.scheduler.snapshots`). The worker
+  learns which stream it continues from the request's ``extra_args``
+  (:data:`~vllm_sink.scheduler.snapshots.RESUME_KEY`), and what to copy from
+  the ops each step carries (:mod:`vllm_sink.core.snapshot_ops`).
 * vLLM makes its scheduler stats once per step (``make_stats``) when stats are
   on; the streaming figures are made at the same moment from the streaming KV
   manager and written to this engine core's board (:mod:`vllm_sink.metrics`),
@@ -18,15 +19,18 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import Counter
 
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from vllm_sink.config import streaming_policy, streaming_settings
+from vllm_sink.config import GIB, streaming_policy, streaming_settings
 from vllm_sink.metrics import StreamingBoard, engine_key
 from vllm_sink.scheduler.kv_cache import StreamingManagers
 from vllm_sink.scheduler.snapshots import resume_source
 from vllm_sink.scheduler.vllm_scheduler import (
+    attach_snapshot_ops,
     computed_tokens,
+    kv_bytes_per_block,
     mark_resumed,
     request_salt,
     resumable,
@@ -45,11 +49,18 @@ class StreamingSchedulerMixin:
         config = self.vllm_config
         # The worker gives every layer a streaming spec (or refuses the model).
         self.streaming = StreamingManagers(single_type_managers(self))
-        policy = streaming_policy(config)
+        policy, settings = streaming_policy(config), streaming_settings(config)
+        tensor_parallel = config.parallel_config.tensor_parallel_size
         self.streaming.enable_snapshots(
-            streaming_settings(config).snapshots, engine_salt(config.model_config.model, policy)
+            settings.snapshots,
+            engine_salt(config.model_config.model, policy),
+            host_bytes=int(settings.host_size * GIB / tensor_parallel),
+            bytes_per_block=kv_bytes_per_block(self.kv_cache_config),
         )
         self.snapshot_hits = self.snapshot_misses = self.snapshot_tokens_skipped = 0
+        self.tier_hits: Counter[str] = Counter()
+        """Resumes, by the tier their snapshot was found in."""
+        self._resumed_from_tier: dict[str, str] = {}
         self._board: StreamingBoard | None = None
         self._published_at = 0.0
         if self.log_stats:
@@ -61,6 +72,7 @@ class StreamingSchedulerMixin:
 
     # ---------------------------------------------------------------- snapshots
     def _free_request_blocks(self, request) -> None:
+        self._resumed_from_tier.pop(request.request_id, None)
         if (
             request.is_finished()
             and resumable(request)
@@ -72,28 +84,39 @@ class StreamingSchedulerMixin:
             return
         super()._free_request_blocks(request)
 
-    def _get_local_prefix_cache_hit(self, request):
-        hit = super()._get_local_prefix_cache_hit(request)  # none: vLLM's prefix cache is off
+    def _get_local_prefix_cache_hit(self, request, max_cache_hit_length: int | None = None):
+        """vLLM's (empty) prefix-cache hit, or the snapshot that resumes the most of the prompt.
+
+        vLLM 0.33 passes ``max_cache_hit_length``; 0.32 does not.
+        """
+        limit = () if max_cache_hit_length is None else (max_cache_hit_length,)
+        hit = super()._get_local_prefix_cache_hit(request, *limit)  # prefix caching is off
         snapshots = self.streaming.snapshots
         found = None
         if len(snapshots) and resumable(request) and not request.skip_reading_prefix_cache:
             # At least the last prompt token is computed again, for its logits.
             last = request.num_tokens - 1
-            found = snapshots.find(request.all_token_ids, request_salt(request), last)
+            if max_cache_hit_length is not None:
+                last = min(last, max_cache_hit_length)
+            found = snapshots.resume(request.all_token_ids, request_salt(request), last)
         mark_resumed(request, found[0] if found else None)
         if found is None:
             return hit
-        snapshot, length = found
-        blocks = tuple(list(group) for group in snapshots.blocks_for(snapshot, length))
-        return self.kv_cache_manager.create_kv_cache_blocks(blocks), length, 0, False
+        snapshot, length, rows, tier = found
+        self._resumed_from_tier[request.request_id] = tier
+        blocks = self.kv_cache_manager.create_kv_cache_blocks(tuple(list(row) for row in rows))
+        return blocks, length, 0, False
 
     def schedule(self, *args, **kwargs):
         output = super().schedule(*args, **kwargs)
+        attach_snapshot_ops(output, self.streaming.snapshots.take_ops())
         for new in output.scheduled_new_reqs:
+            tier = self._resumed_from_tier.pop(new.req_id, None)
             if not new.num_computed_tokens:
                 self.snapshot_misses += 1
             elif resume_source(new.sampling_params) is not None:
                 self.snapshot_hits += 1
+                self.tier_hits[tier] += 1
                 self.snapshot_tokens_skipped += new.num_computed_tokens
             # else: a streaming-input session's next input, its own cache kept
         return output
@@ -110,14 +133,19 @@ class StreamingSchedulerMixin:
         return finished
 
     def streaming_figures(self) -> dict[str, int]:
-        streaming = self.streaming
+        streaming, snapshots = self.streaming, self.streaming.snapshots
+        tiers = snapshots.tier_figures()
         return {
             **streaming.figures(),
-            "snapshots": len(streaming.snapshots),
-            "snapshot_blocks": streaming.snapshots.num_blocks,
+            "snapshots": len(snapshots),
+            "snapshot_blocks": snapshots.num_blocks,
             "snapshot_hits": self.snapshot_hits,
             "snapshot_misses": self.snapshot_misses,
             "snapshot_tokens_skipped": self.snapshot_tokens_skipped,
+            "snapshot_spills": snapshots.spills,
+            **{f"snapshot_count_{tier}": count for tier, (count, _) in tiers.items()},
+            **{f"snapshot_bytes_{tier}": size for tier, (_, size) in tiers.items()},
+            **{f"snapshot_hits_{tier}": self.tier_hits[tier] for tier in tiers},
         }
 
     def publish_streaming_figures(self, when_due: bool = False) -> None:

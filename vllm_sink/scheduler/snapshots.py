@@ -1,33 +1,28 @@
-"""Finished streams kept for the request that continues them.
+"""Finished streams kept for the requests that continue them: what a snapshot is, and finding one.
 
 When a stream's request ends, its cache (head block, resident window blocks)
-still holds the exact state of a stream over its first ``N`` tokens. Instead
-of freeing those blocks, the scheduler keeps them as a :class:`Snapshot` keyed
-by those tokens (:mod:`vllm_sink.core.token_prefix`); a new request whose prompt
-begins with the same ``N`` tokens takes the blocks over and prefills only the
-rest, as if its stream had never stopped.
+holds the exact state of a stream over its first ``N`` tokens. That state is
+kept as a :class:`Snapshot`, keyed by those tokens
+(:mod:`vllm_sink.core.token_prefix`); a new request whose prompt begins with
+them resumes the stream and prefills only the rest.
 
-A prompt may also part from the snapshot's tokens inside the stream's last
-step (typically its last token: a completion's final token re-tokenized with
-the text the client appends). Evictions are decided once per step, at its
-start, so the cache over the first ``L`` tokens, for any ``L`` from that step's
-start to ``N``, is the state of a stream whose last step was cut at ``L``;
-the request resumes at the longest such ``L`` and recomputes from there.
+A snapshot also resumes shorter prompts. Evictions are decided at the start of
+each step and change the cache only there, so the cache over the first ``L``
+tokens, for any ``L`` from the start of the step that last changed it
+(:attr:`Snapshot.resumable_from`) to ``N``, is the state of a stream cut at
+``L``. A reply that a client re-tokenizes differently near its end, or a
+regenerated last turn, resumes there and recomputes the rest; a stream that
+never evicted resumes at any length.
 
-Snapshots never hold memory a live stream needs: their blocks go back to
-vLLM's block pool as free blocks that stay readable until reused
-(``BlockPool.unpin_blocks``), behind the blocks requests free, so the pool
-hands them out last and oldest snapshot first. When one of a snapshot's
-blocks is handed out, the whole snapshot is dropped. A snapshot is used once:
-the request that resumes it owns its blocks and writes into them (evictions
-refill the head block, re-rotations move the window), so a second request with
-the same prefix streams from the start.
+A snapshot never changes once made: a request that resumes it gets a copy of
+its blocks, so a regenerate, an edited message, a second tab and ``n > 1``
+samples all resume from the same one.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +30,7 @@ from vllm_sink.core.token_prefix import PrefixKeys
 
 RESUME_KEY = "vllm_sink_resume"
 """``extra_args`` entry the scheduler gives a request that continues a snapshot, for the
-worker: ``(source request id, tokens computed before the source's last step)``."""
+worker: ``(snapshot id, the stream's shift)``."""
 
 
 def resume_source(params: Any) -> tuple[str, int] | None:
@@ -43,41 +38,47 @@ def resume_source(params: Any) -> tuple[str, int] | None:
     extra = (params.extra_args or {}) if params is not None else {}
     if RESUME_KEY not in extra:
         return None
-    source, last_step_start = extra[RESUME_KEY]
-    return str(source), int(last_step_start)
+    snapshot_id, shift = extra[RESUME_KEY]
+    return str(snapshot_id), int(shift)
 
 
 @dataclass(frozen=True)
 class Snapshot:
+    snapshot_id: str
+    """The request whose stream this is (the worker keeps its state under this id)."""
     key: bytes
     """The key of the tokens it covers (:class:`~vllm_sink.core.token_prefix.PrefixKeys`)."""
-    source_request_id: str
-    """The request whose stream this is (the worker keeps its state under this id)."""
     num_tokens: int
-    """``N``: tokens whose KV the blocks hold."""
-    last_step_start: int
-    """Tokens computed before the stream's last step: its evictions were decided at this count."""
+    """``N``: tokens whose KV it holds."""
+    resumable_from: int
+    """The fewest tokens it resumes: the start of the step that last changed the cache."""
     start_key: bytes
-    """The key of the first :attr:`last_step_start` tokens."""
-    last_step_tokens: tuple[int, ...]
-    """The tokens the last step computed (``N - last_step_start`` of them)."""
-    blocks: tuple[tuple[Any, ...], ...]
-    """The request's KV blocks in each KV cache group, null placeholders where freed."""
+    """The key of the first :attr:`resumable_from` tokens."""
+    tail_tokens: tuple[int, ...]
+    """Its tokens from :attr:`resumable_from` on."""
+    shift: int
+    """Tokens evicted after the sinks (the worker's ``StreamState.shift``)."""
+    row_length: int
+    """Blocks in each KV cache group's row: ``ceil(N / block_size)``."""
     freed_until: tuple[int, ...]
-    """Per group, the block index below which the request's blocks were freed."""
+    """Per group, the row index below which blocks after the head were freed."""
 
     def resumable_length(self, tokens: Sequence[int], max_tokens: int) -> int:
-        """Tokens of ``tokens`` (whose first :attr:`last_step_start` match) it can resume."""
-        length = self.last_step_start
-        for ours, theirs in zip(self.last_step_tokens, tokens[length:max_tokens]):
+        """Tokens of ``tokens`` (whose first :attr:`resumable_from` match) it resumes."""
+        length = self.resumable_from
+        for ours, theirs in zip(self.tail_tokens, tokens[length:max_tokens]):
             if ours != theirs:
                 break
             length += 1
         return length
 
+    def live_blocks(self, group: int) -> list[int]:
+        """Row indices of the group's blocks that hold KV: the head, then the window."""
+        return [0, *range(self.freed_until[group], self.row_length)]
 
-class SnapshotStore:
-    """At most ``capacity`` snapshots, by key; dropped oldest first or when a block is reused.
+
+class SnapshotIndex:
+    """Snapshots by key, least recently used first.
 
     Keys are salted with the engine's ``salt`` (model and streaming settings: a
     cache is only valid under the policy that built it) and the request's own
@@ -85,60 +86,59 @@ class SnapshotStore:
     LoRA adapter).
     """
 
-    def __init__(self, capacity: int, block_size: int, salt: bytes) -> None:
-        self.capacity = capacity
+    def __init__(self, block_size: int, salt: bytes) -> None:
         self.block_size = block_size
         self.salt = salt
         self._by_key: OrderedDict[bytes, Snapshot] = OrderedDict()
-        self._key_of_block: dict[int, bytes] = {}
-        self._handed_over: dict[bytes, set[int]] = {}
-        """Groups whose blocks a snapshot being resumed has handed over so far."""
 
     def __len__(self) -> int:
         return len(self._by_key)
 
-    @property
-    def num_blocks(self) -> int:
-        return len(self._key_of_block)
+    def __iter__(self) -> Iterator[Snapshot]:
+        """Least recently used first."""
+        return iter(self._by_key.values())
 
-    def _keys(self, tokens: Sequence[int], request_salt: str) -> PrefixKeys:
-        salt = self.salt + request_salt.encode()
-        return PrefixKeys(tokens, self.block_size, salt)
+    def keys(self, tokens: Sequence[int], request_salt: str) -> PrefixKeys:
+        return PrefixKeys(tokens, self.block_size, self.salt + request_salt.encode())
 
-    def add(
+    def make(
         self,
+        snapshot_id: str,
         tokens: Sequence[int],
         request_salt: str,
-        source_request_id: str,
-        last_step_start: int,
-        blocks: tuple[tuple[Any, ...], ...],
+        resumable_from: int,
+        shift: int,
         freed_until: tuple[int, ...],
-        release: Callable[[Snapshot], None],
-    ) -> None:
-        """Keep the snapshot of a stream over ``tokens``; the oldest goes if the store is full.
-
-        ``release`` gets the new snapshot, to put its blocks in the free queue.
-        """
-        keys = self._keys(tokens, request_salt)
-        key = keys.key(len(tokens))
-        if key in self._by_key:
-            self.drop(key)
-        elif len(self._by_key) >= self.capacity:
-            self.drop(next(iter(self._by_key)))
-        snapshot = Snapshot(
-            key,
-            source_request_id,
-            len(tokens),
-            last_step_start,
-            keys.key(last_step_start),
-            tuple(tokens[last_step_start:]),
-            blocks,
-            freed_until,
+    ) -> Snapshot:
+        keys = self.keys(tokens, request_salt)
+        return Snapshot(
+            snapshot_id=snapshot_id,
+            key=keys.key(len(tokens)),
+            num_tokens=len(tokens),
+            resumable_from=resumable_from,
+            start_key=keys.key(resumable_from),
+            tail_tokens=tuple(tokens[resumable_from:]),
+            shift=shift,
+            row_length=-(-len(tokens) // self.block_size),
+            freed_until=freed_until,
         )
-        self._by_key[key] = snapshot
-        for block in _live(blocks):
-            self._key_of_block[block.block_id] = key
-        release(snapshot)
+
+    def add(self, snapshot: Snapshot) -> Snapshot | None:
+        """Index ``snapshot``; returns the one it replaces (same tokens and salt), if any."""
+        replaced = self._by_key.pop(snapshot.key, None)
+        self._by_key[snapshot.key] = snapshot
+        return replaced
+
+    def get(self, key: bytes) -> Snapshot | None:
+        return self._by_key.get(key)
+
+    def remove(self, key: bytes) -> Snapshot | None:
+        return self._by_key.pop(key, None)
+
+    def used(self, snapshot: Snapshot) -> None:
+        """``snapshot`` was just resumed: it is the most recently used."""
+        if snapshot.key in self._by_key:
+            self._by_key.move_to_end(snapshot.key)
 
     def find(
         self, tokens: Sequence[int], request_salt: str, max_tokens: int
@@ -147,12 +147,10 @@ class SnapshotStore:
 
         With how many tokens it resumes; ``None`` if none resumes a token.
         """
-        starts = {
-            s.last_step_start for s in self._by_key.values() if s.last_step_start <= max_tokens
-        }
+        starts = {s.resumable_from for s in self._by_key.values() if s.resumable_from <= max_tokens}
         if not starts:
             return None
-        keys = self._keys(tokens[: max(starts)], request_salt)
+        keys = self.keys(tokens[: max(starts)], request_salt)
         start_keys = {keys.key(start) for start in starts}
         best: tuple[Snapshot, int] | None = None
         for snapshot in self._by_key.values():
@@ -161,42 +159,3 @@ class SnapshotStore:
                 if length and (best is None or length > best[1]):
                     best = (snapshot, length)
         return best
-
-    def blocks_for(self, snapshot: Snapshot, length: int) -> tuple[tuple[Any, ...], ...]:
-        """The snapshot's blocks that hold its first ``length`` tokens, in each group."""
-        held = -(-length // self.block_size)
-        return tuple(group[:held] for group in snapshot.blocks)
-
-    def owner_of(self, block: Any) -> Snapshot | None:
-        """The snapshot whose blocks include ``block``."""
-        key = self._key_of_block.get(block.block_id)
-        return None if key is None else self._by_key.get(key)
-
-    def hand_over(self, snapshot: Snapshot, group: int) -> None:
-        """Group ``group``'s blocks go to the request that resumes ``snapshot``.
-
-        It leaves the store once every group has handed its blocks over (the
-        KV managers do so one after the other, in the same scheduler call).
-        """
-        handed = self._handed_over.setdefault(snapshot.key, set())
-        handed.add(group)
-        if len(handed) == len(snapshot.blocks):
-            self.drop(snapshot.key)
-
-    def drop(self, key: bytes) -> Snapshot:
-        snapshot = self._by_key.pop(key)
-        self._handed_over.pop(key, None)
-        for block in _live(snapshot.blocks):
-            if self._key_of_block.get(block.block_id) == key:
-                del self._key_of_block[block.block_id]
-        return snapshot
-
-    def block_reused(self, block_id: int) -> None:
-        """One of a snapshot's blocks was handed out: the snapshot is gone."""
-        key = self._key_of_block.get(block_id)
-        if key is not None and key in self._by_key:
-            self.drop(key)
-
-
-def _live(blocks: tuple[tuple[Any, ...], ...]) -> list[Any]:
-    return [block for group in blocks for block in group if not block.is_null]

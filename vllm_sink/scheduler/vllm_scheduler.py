@@ -8,12 +8,25 @@ from __future__ import annotations
 
 from typing import Any
 
+from vllm_sink.core.snapshot_ops import OPS_ATTRIBUTE, SnapshotOp
 from vllm_sink.scheduler.snapshots import RESUME_KEY, Snapshot
 
 
 def single_type_managers(scheduler: Any) -> tuple[Any, ...]:
     """The scheduler's KV cache manager of each KV cache group."""
     return tuple(scheduler.kv_cache_manager.coordinator.single_type_managers)
+
+
+def kv_bytes_per_block(kv_cache_config: Any) -> int:
+    """Bytes of KV cache one block id holds on one worker, over every layer of its group.
+
+    KV cache groups overlay each other's tensors (a block id belongs to one
+    group at a time), so a block is as large as the largest group's pages.
+    """
+    return max(
+        group.kv_cache_spec.page_size_bytes * len(group.layer_names)
+        for group in kv_cache_config.kv_cache_groups
+    )
 
 
 def register_builtin_specs() -> None:
@@ -54,5 +67,10 @@ def mark_resumed(request: Any, snapshot: Snapshot | None) -> None:
     params = params.clone()  # the request's own copy: an in-process engine may share it
     params.extra_args = {k: v for k, v in extra.items() if k != RESUME_KEY}
     if snapshot is not None:
-        params.extra_args[RESUME_KEY] = (snapshot.source_request_id, snapshot.last_step_start)
+        params.extra_args[RESUME_KEY] = (snapshot.snapshot_id, snapshot.shift)
     request.sampling_params = params
+
+
+def attach_snapshot_ops(scheduler_output: Any, ops: list[SnapshotOp]) -> None:
+    """Send ``ops`` to the worker with the step (vLLM has no field for a plugin's own)."""
+    setattr(scheduler_output, OPS_ATTRIBUTE, ops)

@@ -20,7 +20,8 @@ length, and every per-request buffer stays as small as the cache:
   because the worker's config says so
   (:func:`~vllm_sink.worker.streaming_worker.worker_config`);
 * ``min_tokens`` is counted over the whole stream (:mod:`vllm_sink.worker.min_tokens`);
-* a request may continue a finished stream (a snapshot, see :meth:`_resume`),
+* a request may continue a finished stream (a snapshot, see :meth:`_resume`;
+  the step's snapshot ops run first, :mod:`vllm_sink.worker.snapshot_vault`),
   and a streaming-input session (vLLM's ``StreamingInput``) is one stream
   across its inputs: its state stays here while it waits for the next one;
 * each full-attention layer's spec becomes a
@@ -46,11 +47,12 @@ from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import Attention
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec, SlidingWindowSpec
 
-from vllm_sink.config import StreamingConfigError, streaming_policy, streaming_settings
+from vllm_sink.config import StreamingConfigError, streaming_policy
 from vllm_sink.core.policy import SinkWindowPolicy
 from vllm_sink.core.rerotation import RopeDeltas
 from vllm_sink.core.stream_state import StreamState
 from vllm_sink.frontend.platforms import check_attention_backend
+from vllm_sink.metrics import StreamingBoard, engine_key, open_board
 from vllm_sink.scheduler.kv_cache import StreamingSinkSpec, StreamingSlidingSpec
 from vllm_sink.worker import vllm_runner as runner_api
 from vllm_sink.worker.cpu_attn_layout import PagedKV, PageLayout
@@ -62,8 +64,10 @@ from vllm_sink.worker.eviction import (
 )
 from vllm_sink.worker.gpu_kv_layout import KernelBlockKV
 from vllm_sink.worker.input_batch import StreamingInputBatch
+from vllm_sink.worker.kv_pages import KVPages
 from vllm_sink.worker.min_tokens import StreamMinTokens
 from vllm_sink.worker.self_check import CacheCheckError, check_eviction_in_cache
+from vllm_sink.worker.snapshot_vault import SnapshotVault
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
@@ -198,12 +202,6 @@ class StreamingModelRunnerMixin:
         self._streams: dict[str, StreamState] = {}
         self._awaiting_min_tokens: set[str] = set()
         """Streams whose ``min_tokens`` is not reached yet."""
-        self._finished_streams: dict[str, StreamState] = {}
-        """Finished streams a snapshot may continue (oldest first)."""
-        self._finished_capacity = (
-            streaming_settings(self.vllm_config).snapshots
-            + self.vllm_config.scheduler_config.max_num_seqs
-        )
 
     def initialize_kv_cache(self, kv_cache_config, *args, **kwargs) -> None:
         super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
@@ -218,6 +216,11 @@ class StreamingModelRunnerMixin:
             self, StreamingInputBatch, streams=self._streams, sinks=policy.sinks
         )
         runner_api.add_logits_processor(self, StreamMinTokens(self._rows_below_min_tokens))
+        self._snapshots = SnapshotVault(
+            KVPages(runner_api.kv_caches(self), kv_cache_config.num_blocks)
+        )
+        self._times_board: StreamingBoard | None | bool = False
+        """Where spill and restore times go (``False``: not looked for yet)."""
         layers = get_layers_from_vllm_config(self.vllm_config, Attention)
         self._layer_groups: list[LayerGroup] = []
         for group in kv_cache_config.kv_cache_groups:
@@ -263,7 +266,14 @@ class StreamingModelRunnerMixin:
     def _update_states(self, scheduler_output: SchedulerOutput):
         streams = self._streams
         for req_id in scheduler_output.finished_req_ids:
-            self._keep_finished(req_id, streams.pop(req_id, None))
+            stream = streams.pop(req_id, None)
+            if stream is not None:
+                self._snapshots.finished(req_id, stream)
+        # Before anything reads or writes the blocks these ops copy.
+        ops = runner_api.snapshot_ops(scheduler_output)
+        if ops:
+            self._snapshots.apply(ops)
+            self._publish_snapshot_times()
         resumed: list[tuple[str, runner_api.Rows, int]] = []
         for new_req in scheduler_output.scheduled_new_reqs:
             assert new_req.prompt_token_ids is not None, "streams take token prompts"
@@ -302,37 +312,32 @@ class StreamingModelRunnerMixin:
             runner_api.refresh_penalty_inputs(self)
         return result
 
-    def _keep_finished(self, req_id: str, stream: StreamState | None) -> None:
-        """Keep a finished stream's state for a request that may continue it (a snapshot).
-
-        Only streams past their first eviction carry state the cache does not
-        (the sink keys' first copy). The scheduler keeps at most ``snapshots``
-        streams and up to ``max_num_seqs`` finish in one step, so this keeps
-        that many; a stream no longer here is rebuilt from its cache (its sink
-        keys rotated once more, see :meth:`_resume`).
-        """
-        if stream is None or stream.first_sink_keys is None or self._finished_capacity <= 0:
-            return
-        self._finished_streams[req_id] = stream
-        while len(self._finished_streams) > self._finished_capacity:
-            self._finished_streams.pop(next(iter(self._finished_streams)))
+    def _publish_snapshot_times(self) -> None:
+        """Spill and restore times on the engine's board (the first worker's)."""
+        if self._times_board is False:
+            config = self.vllm_config
+            engine = engine_key(config.instance_id, config.parallel_config.data_parallel_index)
+            first = runner_api.tensor_parallel_rank() == 0
+            self._times_board = open_board(engine) if first else None
+        if self._times_board is not None:
+            self._times_board.publish(self._snapshots.microseconds)
 
     def _resume(
-        self, stream: StreamState, rows: runner_api.Rows, source_id: str, last_step_start: int
+        self, stream: StreamState, rows: runner_api.Rows, snapshot_id: str, shift: int
     ) -> None:
         """Give a new request the state of the stream it continues (the scheduler's snapshot).
 
-        ``rows`` are the request's block rows as the scheduler holds them, null
-        placeholders where blocks were freed; they are compacted into the view.
+        ``rows`` are the request's block rows as the scheduler holds them (this
+        step's ops copied the snapshot into them), null placeholders where
+        blocks were freed; they are compacted into the view.
         """
         policy = self.sink_policy
-        stream.shift = policy.position_shift(last_step_start)
-        runner_api.drop_evicted_blocks(rows, stream.shift // policy.block_size)
-        finished = self._finished_streams.pop(source_id, None)
-        if finished is not None:
-            stream.first_sink_keys = finished.first_sink_keys
-        elif stream.shift and policy.sinks:
-            offset = policy.rope_offset(stream.shift, self._rebase_period_blocks)
+        stream.shift = shift
+        runner_api.drop_evicted_blocks(rows, shift // policy.block_size)
+        stream.first_sink_keys = self._snapshots.first_sink_keys(snapshot_id)
+        if stream.first_sink_keys is None and shift and policy.sinks:
+            # Not held here (the worker never saw the stream end): rotate them back.
+            offset = policy.rope_offset(shift, self._rebase_period_blocks)
             sink_group = self._sink_group
             stream.first_sink_keys = sink_keys_at_offset_zero(
                 self._layer_groups[sink_group].layers, rows[sink_group][0], policy.sinks, offset

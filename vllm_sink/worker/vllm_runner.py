@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from vllm_sink.core.snapshot_ops import OPS_ATTRIBUTE, SnapshotOp
 from vllm_sink.core.stream_view import StreamView
 from vllm_sink.scheduler.snapshots import resume_source
 
@@ -78,8 +79,24 @@ def discarded_rows(runner: Runner) -> list[int]:
     return [int(i) for i in np.nonzero(runner.discard_request_mask.np[:num_reqs])[0]]
 
 
+def kv_caches(runner: Runner) -> list[torch.Tensor]:
+    """Every layer's KV cache tensor (layers may share one)."""
+    return runner.kv_caches
+
+
+def tensor_parallel_rank() -> int:
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    return get_tensor_model_parallel_rank()
+
+
+def snapshot_ops(scheduler_output: Any) -> list[SnapshotOp]:
+    """The step's snapshot ops, sent by the streaming scheduler with vLLM's output."""
+    return getattr(scheduler_output, OPS_ATTRIBUTE, None) or []
+
+
 def resumed_from(new_request: Any) -> tuple[str, int] | None:
-    """``(source request id, tokens before its last step)`` of a request continuing a snapshot.
+    """``(snapshot id, the stream's shift)`` of a request continuing a snapshot.
 
     Set by the scheduler (:data:`vllm_sink.scheduler.snapshots.RESUME_KEY`).
     """
