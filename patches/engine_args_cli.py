@@ -19,9 +19,12 @@ import argparse
 import functools
 
 from vllm_sink.config import (
+    DEFAULT_DIR_SIZE,
     DEFAULT_SINKS,
     DEFAULT_SNAPSHOTS,
     DEFAULT_WINDOW,
+    DIR_KEY,
+    DIR_SIZE_KEY,
     HOST_SIZE_KEY,
     SINKS_KEY,
     SNAPSHOTS_KEY,
@@ -78,6 +81,24 @@ def add_streaming_arguments(parser: argparse.ArgumentParser) -> None:
         "history again. Summed over tensor-parallel ranks, like --kv-offloading-size "
         "(default 0: off).",
     )
+    group.add_argument(
+        "--streaming-snapshot-dir",
+        type=str,
+        default=None,
+        metavar="PATH",
+        help="A directory where every snapshot is also written (in the background, one file "
+        "per tensor-parallel rank, readable by this user only), so that a restarted server, "
+        "or any replica sharing the directory, resumes the conversations it holds. Files are "
+        "used only by engines with the same weights and settings, and only once checked.",
+    )
+    group.add_argument(
+        "--streaming-snapshot-dir-size",
+        type=float,
+        default=None,
+        metavar="GiB",
+        help=f"Disk the snapshot files may take, least recently used removed first (default "
+        f"{DEFAULT_DIR_SIZE:g}; 0 keeps none).",
+    )
 
 
 def fold_into_additional_config(engine_args, args: argparse.Namespace) -> None:
@@ -86,6 +107,8 @@ def fold_into_additional_config(engine_args, args: argparse.Namespace) -> None:
         WINDOW_KEY: getattr(args, "streaming_window", None),
         SNAPSHOTS_KEY: getattr(args, "streaming_snapshots", None),
         HOST_SIZE_KEY: getattr(args, "streaming_snapshot_host_size", None),
+        DIR_KEY: getattr(args, "streaming_snapshot_dir", None),
+        DIR_SIZE_KEY: getattr(args, "streaming_snapshot_dir_size", None),
     }
     values = {key: value for key, value in values.items() if value is not None}
     if values:

@@ -64,7 +64,8 @@ def handbook_tokens(smollm2) -> list[int]:
 
 @pytest.fixture
 def engine_factory() -> Iterator:
-    """``make(model, **LLM kwargs)`` starts a real vLLM engine, eager, in-process."""
+    """``make(model, **LLM kwargs)`` starts a real vLLM engine, eager, in-process;
+    ``make.stop(llm)`` stops one before the test ends."""
     from vllm import LLM
 
     started = []
@@ -75,6 +76,12 @@ def engine_factory() -> Iterator:
         started.append(llm)
         return llm
 
+    def stop(llm) -> None:
+        """Stop one engine now (the caller drops its references)."""
+        started.remove(llm)
+        shutdown(llm)
+
+    make.stop = stop
     yield make
     while started:  # popped first: nothing here keeps the engine's memory alive
         shutdown(started.pop())

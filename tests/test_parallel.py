@@ -74,8 +74,11 @@ def test_tensor_parallel_server_streams_gemma3_like_the_reference(gemma3, tmp_pa
 def test_data_parallel_server_streams_on_either_engine(tiny_llama, smollm2, tmp_path):
     """``--data-parallel-size 2``: two independent engines, streams on both, each engine's
     figures on ``/metrics``. Prompts short enough that a stream evicts only while decoding
-    (one token a step), so each stream's steps are a lone stream's whatever its company."""
+    (one token a step), so each stream's steps are a lone stream's whatever its company.
+    With a shared snapshot directory, a stream's next request sent to the other engine
+    resumes it from there."""
     import concurrent.futures
+    import time
 
     import requests
 
@@ -92,22 +95,34 @@ def test_data_parallel_server_streams_on_either_engine(tiny_llama, smollm2, tmp_
     flags = ["--streaming-sinks", str(SINKS), "--streaming-window", str(WINDOW),
              "--block-size", str(BLOCK), "--max-num-batched-tokens", str(CHUNK),
              "--data-parallel-size", "2",
-             "--api-server-count", "1"]  # fmt: skip
+             "--api-server-count", "1",
+             "--streaming-snapshot-dir", str(tmp_path / "snapshots")]  # fmt: skip
     prompts = [random_prompt(60, seed=90 + i) for i in range(6)]
     with vllm_serve(model, flags, tmp_path / "server.log", 1,
                     {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}) as server:  # fmt: skip
 
-        def complete(prompt: list[int]) -> dict:
+        def complete(prompt: list[int], engine: int, max_tokens: int = 250) -> dict:
             reply = requests.post(f"{server.url}/v1/completions", timeout=300, json={
-                "model": server.model, "prompt": prompt, "max_tokens": 250, "temperature": 0,
-                "logprobs": 0, "return_token_ids": True, "ignore_eos": True,
-            })  # fmt: skip
+                "model": server.model, "prompt": prompt, "max_tokens": max_tokens,
+                "temperature": 0, "logprobs": 0, "return_token_ids": True, "ignore_eos": True,
+            }, headers={"X-data-parallel-rank": str(engine)})  # fmt: skip
             assert reply.status_code == 200, reply.text
             return reply.json()["choices"][0]
 
+        engines = [i % 2 for i in range(len(prompts))]
         with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
-            choices = list(pool.map(complete, prompts))
+            choices = list(pool.map(complete, prompts, engines))
+        time.sleep(2)  # the files are written in the background
+        follow_ups = [p + c["token_ids"] + [13, 14] for p, c in zip(prompts, choices)]
+        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+            list(pool.map(complete, follow_ups, [1 - e for e in engines], [8] * len(prompts)))
         samples = metric_samples(server.url)
+    disk_hits = sum(
+        v
+        for k, v in samples.items()
+        if k.startswith("vllm_sink:snapshot_tier_hits_total") and 'tier="disk"' in k
+    )
+    assert disk_hits == len(prompts)  # each on the engine that did not stream it
     evicted = {k: v for k, v in samples.items() if k.startswith("vllm_sink:evicted_blocks_total")}
     assert len(evicted) == 2 and all(v > 0 for v in evicted.values()), evicted  # both engines
     ref = StreamingLlamaReference(tiny_llama)

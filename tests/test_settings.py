@@ -37,6 +37,14 @@ def test_serve_flags_land_in_additional_config():
         AsyncEngineArgs.from_cli_args(args).additional_config
     )
     assert settings.host_size == 2.5
+    _, args = parse_serve_args(
+        ["--streaming-sinks", "4", "--streaming-snapshot-dir", "/srv/snapshots",
+         "--streaming-snapshot-dir-size", "40"]
+    )  # fmt: skip
+    settings = StreamingSettings.from_additional_config(
+        AsyncEngineArgs.from_cli_args(args).additional_config
+    )
+    assert (settings.directory, settings.dir_size) == ("/srv/snapshots", 40)
 
 
 def test_flags_merge_with_other_additional_config():
@@ -85,6 +93,26 @@ def test_sinks_alone_turn_streaming_on_with_default_window():
             "--streaming-snapshot-host-size .* needs --streaming-snapshots above 0",
         ),
         ({"streaming_snapshot_host_size": 1}, "host-size .* applies to streaming"),
+        (
+            {"streaming_sinks": 4, "streaming_snapshot_dir": 5},
+            "--streaming-snapshot-dir .* must be a path",
+        ),
+        (
+            {"streaming_sinks": 4, "streaming_snapshot_dir_size": 2},
+            "--streaming-snapshot-dir-size .* give the directory too",
+        ),
+        (
+            {
+                "streaming_sinks": 4,
+                "streaming_snapshot_dir": "/x",
+                "streaming_snapshot_dir_size": -2,
+            },
+            "--streaming-snapshot-dir-size .* 0 \\(off\\) or more GiB",
+        ),
+        (
+            {"streaming_sinks": 4, "streaming_snapshots": 0, "streaming_snapshot_dir": "/x"},
+            "--streaming-snapshot-dir .* needs --streaming-snapshots above 0",
+        ),
     ],
 )
 def test_bad_values_are_refused(config, message):

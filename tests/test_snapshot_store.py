@@ -14,6 +14,7 @@ from vllm_sink.core.snapshot_ops import (
 )
 from vllm_sink.core.token_prefix import PrefixKeys
 from vllm_sink.scheduler.kv_cache import StreamingManagers
+from vllm_sink.scheduler.snapshot_keeper import TierSizes
 from vllm_sink_dev.kv_managers import make_manager, make_sliding_manager, owned, step
 from vllm_sink_dev.reference import first_unchanged_step_start
 
@@ -54,6 +55,11 @@ def stream(managers, req: str, tokens: int, settle: bool = True) -> list[tuple[i
     return steps
 
 
+def sid(keeper, tokens: list[int]) -> str:
+    """The id of the snapshot of ``tokens`` (no request salt)."""
+    return keeper.index.keys(tokens, "").key(len(tokens)).hex()[:32]
+
+
 def first_unchanged_start(steps: list[tuple[int, int]], policy: SinkWindowPolicy) -> int:
     return first_unchanged_step_start(steps, policy.sinks, policy.window, policy.block_size)
 
@@ -73,14 +79,14 @@ def resume(managers, req: str, rows, length: int) -> None:
 def test_a_snapshot_stays_readable_counts_as_free_and_every_resume_gets_a_copy():
     manager, pool = make_manager(POLICY, num_blocks=60)
     groups = StreamingManagers([manager])
-    groups.enable_snapshots(capacity=4, salt=b"e")
+    groups.enable_snapshots(TierSizes(pool_snapshots=4), b"e")
     keeper = groups.snapshots
     free_at_start = pool.get_num_free_blocks()
     tokens = list(range(500))
     stream(manager, "a", 500)
     held = owned(manager, "a")
     assert groups.keep_snapshot("a", tokens, "")
-    assert keeper.take_ops() == [KeepStream("a", "a")]
+    assert keeper.take_ops() == [KeepStream("a", sid(keeper, tokens))]
     assert pool.get_num_free_blocks() == free_at_start  # nothing taken from live streams
     found, length, rows, tier = keeper.resume(tokens + [7, 8], "", max_tokens=501)
     assert length == 500 and tier == "pool"
@@ -108,7 +114,7 @@ def test_a_snapshot_resumes_any_length_since_its_cache_last_changed():
     A stream that never evicted resumes at any length."""
     manager, _ = make_manager(POLICY, num_blocks=60)
     groups = StreamingManagers([manager])
-    groups.enable_snapshots(capacity=4, salt=b"e")
+    groups.enable_snapshots(TierSizes(pool_snapshots=4), b"e")
     keeper = groups.snapshots
     tokens = list(range(1000, 1500))
     steps = stream(manager, "a", 500, settle=False)
@@ -129,7 +135,7 @@ def test_a_snapshot_resumes_any_length_since_its_cache_last_changed():
 def test_resuming_short_of_the_end_copies_only_the_blocks_it_needs():
     manager, pool = make_manager(POLICY, num_blocks=60)
     groups = StreamingManagers([manager])
-    groups.enable_snapshots(capacity=4, salt=b"e")
+    groups.enable_snapshots(TierSizes(pool_snapshots=4), b"e")
     keeper = groups.snapshots
     tokens = list(range(449))
     steps = stream(manager, "a", 449, settle=False)  # ends one token into a block
@@ -148,7 +154,7 @@ def test_resuming_short_of_the_end_copies_only_the_blocks_it_needs():
 def test_live_streams_take_request_freed_blocks_first_then_the_least_recently_used_snapshot():
     manager, pool = make_manager(POLICY, num_blocks=30)
     groups = StreamingManagers([manager])
-    groups.enable_snapshots(capacity=8, salt=b"e")
+    groups.enable_snapshots(TierSizes(pool_snapshots=8), b"e")
     keeper = groups.snapshots
     stream(manager, "old", 300)
     groups.keep_snapshot("old", list(range(300)), "")
@@ -162,23 +168,24 @@ def test_live_streams_take_request_freed_blocks_first_then_the_least_recently_us
     free, per_snapshot = pool.get_num_free_blocks(), keeper.num_blocks // 2
     step(manager, "live", 0, (free - per_snapshot) * 32)
     assert len(keeper) == 1 and keeper.index.find(list(range(301)), "", 300) is not None
-    assert DropSnapshot("new") in keeper.take_ops()
+    assert DropSnapshot(sid(keeper, list(range(1000, 1300)))) in keeper.take_ops()
     step(manager, "live2", 0, per_snapshot * 32)
     assert len(keeper) == 0 and keeper.num_blocks == 0
-    assert keeper.take_ops() == [DropSnapshot("old")]
+    assert keeper.take_ops() == [DropSnapshot(sid(keeper, list(range(300))))]
 
 
 def test_the_keeper_holds_at_most_its_capacity_least_recently_used_out():
     manager, _ = make_manager(POLICY, num_blocks=64)
     groups = StreamingManagers([manager])
-    groups.enable_snapshots(capacity=2, salt=b"e")
+    groups.enable_snapshots(TierSizes(pool_snapshots=2), b"e")
     for i in range(3):
         stream(manager, f"r{i}", 150)
         groups.keep_snapshot(f"r{i}", [i] * 150, "")
     assert len(groups.snapshots) == 2
     assert groups.snapshots.index.find([0] * 151, "", 150) is None
-    assert groups.snapshots.index.find([2] * 151, "", 150)[0].snapshot_id == "r2"
-    assert DropSnapshot("r0") in groups.snapshots.take_ops()
+    found = groups.snapshots.index.find([2] * 151, "", 150)[0]
+    assert found.snapshot_id == sid(groups.snapshots, [2] * 150)
+    assert DropSnapshot(sid(groups.snapshots, [0] * 150)) in groups.snapshots.take_ops()
 
 
 def test_snapshots_off_frees_as_before():
@@ -197,7 +204,7 @@ def test_a_hybrid_snapshot_copies_every_groups_blocks():
     sink, pool = make_manager(POLICY, num_blocks=80)
     sliding = make_sliding_manager(POLICY, sliding_window=40, pool=pool, group=1)
     groups = StreamingManagers([sink, sliding])
-    groups.enable_snapshots(capacity=4, salt=b"e")
+    groups.enable_snapshots(TierSizes(pool_snapshots=4), b"e")
     keeper = groups.snapshots
     free_at_start = pool.get_num_free_blocks()
     tokens = list(range(500))
@@ -223,10 +230,11 @@ def host_keeper(num_blocks: int, capacity: int, host_snapshots: float):
     manager, pool = make_manager(POLICY, num_blocks=num_blocks)
     groups = StreamingManagers([manager])
     bytes_per_block = 1000
-    groups.enable_snapshots(
-        capacity, b"e", host_bytes=int(host_snapshots * 4 * bytes_per_block),
+    sizes = TierSizes(
+        capacity, host_bytes=int(host_snapshots * 4 * bytes_per_block),
         bytes_per_block=bytes_per_block,
     )  # fmt: skip
+    groups.enable_snapshots(sizes, b"e")
     return manager, pool, groups, groups.snapshots
 
 
@@ -244,18 +252,21 @@ def test_what_the_pool_gives_up_is_spilled_to_host_memory_and_restored_on_a_hit(
     # first; host memory holds two of them, so the oldest host copy goes.
     step(manager, "live", 0, pool.get_num_free_blocks() * 32)
     ops = keeper.take_ops()
-    spill = {name: SpillSnapshot(name, tuple(blocks)) for name, blocks in held.items()}
-    assert ops == [spill["c0"], spill["c1"], DropSnapshot("c0"), spill["c2"]]
-    assert keeper.tier_figures() == {"pool": (0, 0), "host": (2, 8_000)}
+    ids = {name: sid(keeper, tokens) for name, tokens in conversations.items()}
+    spill = {name: SpillSnapshot(ids[name], tuple(blocks)) for name, blocks in held.items()}
+    assert ops == [spill["c0"], spill["c1"], DropSnapshot(ids["c0"]), spill["c2"]]
+    assert keeper.tier_figures() == {"pool": (0, 0), "host": (2, 8_000), "disk": (0, 0)}
     assert keeper.spills == 3
     manager.free("live")
 
     # The next turn of c1: restored from host into fresh blocks, then copied for it.
     found, length, rows, tier = keeper.resume([1] * 301, "", 300)
-    assert (found.snapshot_id, length, tier) == ("c1", 300, "host")
+    assert (found.snapshot_id, length, tier) == (ids["c1"], 300, "host")
     resume([manager], "c1-next", rows, length)
     restore, copy = keeper.take_ops()
-    assert restore == RestoreSnapshot("c1", tuple(b.block_id for b in rows[0] if not b.is_null))
+    assert restore == RestoreSnapshot(
+        ids["c1"], tuple(b.block_id for b in rows[0] if not b.is_null)
+    )
     assert copy == CopyBlocks(restore.blocks, tuple(owned(manager, "c1-next")[: len(held["c1"])]))
     assert keeper.tier_figures()["pool"] == (1, 4_000)  # in both tiers now
     assert keeper.index.find([0] * 301, "", 300) is None  # c0 is gone
@@ -268,8 +279,8 @@ def test_over_the_count_limit_snapshots_go_to_host_memory_and_restores_need_room
         groups.keep_snapshot(f"c{i}", [i] * 300, "")
     ops = keeper.take_ops()
     assert [type(op) for op in ops] == [KeepStream, KeepStream, SpillSnapshot]
-    assert ops[2].snapshot_id == "c0"
-    assert keeper.tier_figures() == {"pool": (1, 4_000), "host": (1, 4_000)}
+    assert ops[2].snapshot_id == sid(keeper, [0] * 300)
+    assert keeper.tier_figures() == {"pool": (1, 4_000), "host": (1, 4_000), "disk": (0, 0)}
     # No room in the pool for c0's restore and the request's copy of it: not resumed.
     step(manager, "live", 0, (pool.get_num_free_blocks() - 7) * 32)
     assert keeper.resume([0] * 301, "", 300) is None

@@ -266,3 +266,58 @@ def test_snapshots_the_pool_gives_up_resume_from_host_memory(tiny_model, engine_
         assert (torch.tensor(got) - expected).abs().max() < FP32_TOLERANCE, req_id
     vault = core.model_executor.driver_worker.worker.model_runner._snapshots
     assert 0 < vault.host_bytes <= host_bytes
+
+
+def test_a_restarted_engine_resumes_its_conversations_from_disk(
+    tiny_model, engine_factory, tmp_path
+):
+    """Snapshots written by one engine let the next one (a restart, another replica) resume
+    each conversation: the same stream continued, per tenant (``cache_salt``)."""
+    settings = {"streaming_snapshot_dir": str(tmp_path / "snapshots")}
+    start = lambda: tiny_streaming_engine(  # noqa: E731
+        engine_factory, tiny_model, SINKS, WINDOW, BLOCK, CHUNK, settings=settings
+    )
+    firsts = {"a1": random_prompt(300, seed=101), "b1": random_prompt(260, seed=102)}
+    salts = {"a": None, "b": "tenant-b"}
+
+    def run_salted(engine, prompts, max_tokens):
+        for req_id, prompt in prompts.items():
+            salt = salts[req_id[0]] if len(req_id) == 2 else "tenant-c"
+            inputs = {"prompt_token_ids": prompt, **({"cache_salt": salt} if salt else {})}
+            engine.add_request(req_id, inputs, greedy(max_tokens))
+        done = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    ids = list(out.outputs[0].token_ids)
+                    logprobs = [d[t].logprob for d, t in zip(out.outputs[0].logprobs, ids)]
+                    done[out.request_id] = (ids, logprobs)
+        engine.step()  # the step that tells the worker which requests finished (and what to keep)
+        return done
+
+    llm = start()
+    first_log = ScheduleLog(llm.llm_engine.engine_core.engine_core.scheduler)
+    outs = run_salted(llm.llm_engine, firsts, 120)
+    worker = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker
+    assert worker.model_runner._snapshots.flush(timeout_s=60)
+    del worker
+    assert len(list((tmp_path / "snapshots").rglob("*.snap"))) == 2
+    engine_factory.stop(llm)
+    del llm
+
+    engine = start().llm_engine
+    core = engine.engine_core.engine_core
+    log = ScheduleLog(core.scheduler)
+    seconds = {r[0] + "2": firsts[r] + outs[r][0] + random_prompt(30, seed=103) for r in firsts}
+    seconds["b2-other-tenant"] = seconds["b2"]
+    outs2 = run_salted(engine, seconds, 60)
+    assert core.scheduler.tier_hits == {"disk": 2}
+    assert log.of("b2-other-tenant")[0][0] == 0  # another tenant's stream is not resumed
+    ref = StreamingLlamaReference(tiny_model)
+    for req_id in ("a2", "b2"):
+        first = req_id[0] + "1"
+        assert log.of(req_id)[0][0] == len(firsts[first]) + len(outs[first][0]) - 1
+        prompt, (generated, got) = seconds[req_id], outs2[req_id]
+        steps = first_log.of(first) + log.of(req_id)
+        expected = expected_logprobs(ref, prompt + generated, steps, len(prompt))
+        assert (torch.tensor(got) - expected).abs().max() < FP32_TOLERANCE, req_id

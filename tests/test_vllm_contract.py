@@ -1,7 +1,10 @@
 """The installed vLLM still has every private name vllm-sink relies on (no engine started).
 
 The list is :data:`vllm_sink.vllm_internals.INTERNALS`; a failure names the
-entry that moved and the vllm-sink module that uses it.
+entry that moved and the vllm-sink module that uses it. Besides names: our
+overrides accept every call vLLM's signatures allow, our calls fit them, and
+the tuples we return have the length vLLM's annotations give
+(:mod:`vllm_sink_dev.contract`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import re
 import pytest
 
 from vllm_sink.vllm_internals import INTERNALS, Internal
+from vllm_sink_dev.contract import signature_problems
 
 
 def what_moved(internal: Internal) -> str | None:
@@ -38,9 +42,8 @@ def what_moved(internal: Internal) -> str | None:
     function = getattr(owner, internal.name, None)
     if not callable(function):
         return f"{where}: no such method"
-    params = inspect.signature(function).parameters
-    missing = [p for p in internal.params if p not in params]
-    return f"{where}: parameters {missing} are gone" if missing else None
+    problems = signature_problems(internal, inspect.signature(function))
+    return "; ".join(problems) if problems else None
 
 
 @pytest.mark.parametrize("internal", INTERNALS, ids=lambda i: f"{i.owner}.{i.name}")
@@ -60,3 +63,25 @@ def test_a_renamed_internal_is_named(monkeypatch):
     )
     renamed = Internal(internal.module, "InputBatch", "token_ids_cpu_renamed", "attribute")
     assert "no longer set on instances" in what_moved(renamed)
+
+
+def test_vllm_033s_new_parameter_fails_an_override_that_lacks_it():
+    """vLLM 0.33 calls ``_get_local_prefix_cache_hit(request, max_cache_hit_length)``."""
+
+    class Scheduler:  # vLLM 0.33's signature
+        def _get_local_prefix_cache_hit(
+            self, request, max_cache_hit_length: int | None = None
+        ) -> tuple[KVCacheBlocks, int, int, bool]: ...  # noqa: F821
+
+    class OurOldOverride:
+        def _get_local_prefix_cache_hit(self, request): ...
+
+    internal = next(i for i in INTERNALS if i.name == "_get_local_prefix_cache_hit")
+    theirs = inspect.signature(Scheduler._get_local_prefix_cache_hit)
+    assert signature_problems(internal, theirs) == []  # ours takes it
+    old = Internal(**{**internal.__dict__, "override": f"{__name__}:OurOldOverride"})
+    globals()["OurOldOverride"] = OurOldOverride
+    problems = signature_problems(old, theirs)
+    assert len(problems) == 2 and all("does not take every argument" in p for p in problems)
+    five = Internal(**{**internal.__dict__, "returns": 5})
+    assert "we return a 5-tuple" in signature_problems(five, theirs)[0]

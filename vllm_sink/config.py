@@ -22,7 +22,9 @@ SINKS_KEY = "streaming_sinks"
 WINDOW_KEY = "streaming_window"
 SNAPSHOTS_KEY = "streaming_snapshots"
 HOST_SIZE_KEY = "streaming_snapshot_host_size"
-ALL_KEYS = (SINKS_KEY, WINDOW_KEY, SNAPSHOTS_KEY, HOST_SIZE_KEY)
+DIR_KEY = "streaming_snapshot_dir"
+DIR_SIZE_KEY = "streaming_snapshot_dir_size"
+ALL_KEYS = (SINKS_KEY, WINDOW_KEY, SNAPSHOTS_KEY, HOST_SIZE_KEY, DIR_KEY, DIR_SIZE_KEY)
 KEY_PREFIX = "streaming_"
 """additional_config keys with this prefix are vllm-sink's: unknown ones are refused."""
 
@@ -39,6 +41,9 @@ first), so the number only bounds bookkeeping: the worker keeps each one's sink
 keys (``S x layers x KV heads x head size`` values, 92 KB for SmolLM2 in float32).
 """
 GIB = 2**30
+DEFAULT_DIR_SIZE = 16.0
+"""GiB of disk for snapshot files when a directory is given: about 270 SmolLM2 snapshots
+in float32 at 4 + 1020, whatever their histories' lengths."""
 UNLIMITED_STREAM_LEN = 2**40
 """``max_model_len`` when the user gives none: streams have no length limit.
 
@@ -61,6 +66,10 @@ class StreamingSettings:
     snapshots: int = DEFAULT_SNAPSHOTS
     host_size: float = 0.0
     """GiB of host memory (over all tensor-parallel ranks) for snapshots the pool gives up."""
+    directory: str | None = None
+    """Where snapshots are written, to outlive the engine and reach other replicas."""
+    dir_size: float = DEFAULT_DIR_SIZE
+    """GiB of disk the directory's files of this engine may take (0: the disk tier is off)."""
 
     @classmethod
     def from_additional_config(
@@ -108,7 +117,21 @@ class StreamingSettings:
             raise StreamingConfigError(
                 f"{_name(HOST_SIZE_KEY)} holds snapshots: it needs --streaming-snapshots above 0"
             )
-        return cls(sinks=sinks, window=window, snapshots=snapshots, host_size=host_size)
+        directory = additional_config.get(DIR_KEY)
+        if directory is not None and (not isinstance(directory, str) or not directory.strip()):
+            raise StreamingConfigError(f"{_name(DIR_KEY)} must be a path (got {directory!r})")
+        dir_size = _as_size(additional_config.get(DIR_SIZE_KEY, DEFAULT_DIR_SIZE), DIR_SIZE_KEY)
+        if DIR_SIZE_KEY in additional_config and directory is None:
+            raise StreamingConfigError(
+                f"{_name(DIR_SIZE_KEY)} is the budget of --streaming-snapshot-dir: give the "
+                "directory too"
+            )
+        for key, value in ((HOST_SIZE_KEY, host_size), (DIR_KEY, directory)):
+            if value and not snapshots:
+                raise StreamingConfigError(
+                    f"{_name(key)} holds snapshots: it needs --streaming-snapshots above 0"
+                )
+        return cls(sinks, window, snapshots, host_size, directory, dir_size)
 
 
 def _name(key: str) -> str:

@@ -30,7 +30,7 @@ import numpy as np
 BOARD_PREFIX, BOARD_SUFFIX = "vllm-sink-", ".metrics"
 """A board's file name: prefix, PID namespace, writer's process id, engine, suffix."""
 
-SNAPSHOT_TIERS = ("pool", "host")
+SNAPSHOT_TIERS = ("pool", "host", "disk")
 """Where snapshots live (:mod:`vllm_sink.scheduler.snapshot_keeper`)."""
 TIER_FIGURES = ("count", "bytes", "hits")
 
@@ -52,6 +52,9 @@ FIELDS = (
     "snapshot_spills",
     "snapshot_spill_us",
     "snapshot_restore_us",
+    "snapshot_disk_writes",
+    "snapshot_disk_write_us",
+    "snapshot_disk_read_us",
 )
 BOARD_BYTES = 8 * len(FIELDS)
 
@@ -196,7 +199,13 @@ _METRICS = (
     ("vllm_sink:snapshot_spill_seconds", "counter", "snapshot_spill_us",
      "Time the worker spent copying snapshots to host memory."),
     ("vllm_sink:snapshot_restore_seconds", "counter", "snapshot_restore_us",
-     "Time the worker spent restoring snapshots from host memory into the KV cache."),
+     "Time the worker spent restoring snapshots from host memory or disk into the KV cache."),
+    ("vllm_sink:snapshot_disk_writes", "counter", "snapshot_disk_writes",
+     "Snapshot files written (one per tensor-parallel rank), in the background."),
+    ("vllm_sink:snapshot_disk_write_seconds", "counter", "snapshot_disk_write_us",
+     "Time spent writing snapshot files, in the background."),
+    ("vllm_sink:snapshot_disk_read_seconds", "counter", "snapshot_disk_read_us",
+     "Time the scheduler spent reading and checking snapshot files it restored."),
 )  # fmt: skip
 _TIER_METRICS = (
     ("vllm_sink:snapshot_tier_snapshots", "gauge", "count", "Snapshots held, by tier."),
@@ -205,7 +214,7 @@ _TIER_METRICS = (
     ("vllm_sink:snapshot_tier_hits", "counter", "hits",
      "New requests that continued a snapshot, by the tier it was found in."),
 )  # fmt: skip
-_MICROSECONDS = {"snapshot_spill_us", "snapshot_restore_us"}
+_MICROSECONDS = {name for name in FIELDS if name.endswith("_us")}
 
 
 class StreamingCollector:

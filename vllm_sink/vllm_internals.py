@@ -26,6 +26,13 @@ class Internal:
     params: tuple[str, ...] = ()
     """Parameter names the method must still take, where we call or override it."""
     used_by: str = ""
+    override: str = ""
+    """``module:Class`` whose method of this name replaces vLLM's: it must accept every call
+    vLLM's signature allows (each positional parameter by position and by name)."""
+    call_args: int | None = None
+    """Positional arguments we pass where we call it (besides ``self``)."""
+    returns: int | None = None
+    """Length of the tuple we return in its place (vLLM's annotation must agree)."""
 
 
 RUNNER = "vllm.v1.worker.gpu_model_runner"
@@ -36,23 +43,30 @@ KV_MANAGER = "vllm.v1.core.single_type_kv_cache_manager"
 BLOCK_TABLE = "vllm.v1.worker.block_table"
 SCHEDULER = "vllm.v1.core.sched.scheduler"
 WORKER_ADAPTER = "worker.vllm_runner"
+OUR_SCHEDULER = "vllm_sink.scheduler.scheduler:StreamingSchedulerMixin"
+OUR_KV_MANAGER = "vllm_sink.scheduler.kv_cache:_StreamingManager"
+OUR_RUNNER = "vllm_sink.worker.model_runner:StreamingModelRunnerMixin"
 
 INTERNALS: tuple[Internal, ...] = (
     # The V1 runner: overridden by the streaming runner mixins, read through the adapter.
     Internal(RUNNER, "GPUModelRunner", "_update_states", "method", ("scheduler_output",),
-             "worker.model_runner"),
+             "worker.model_runner", override=OUR_RUNNER),
     Internal(RUNNER, "GPUModelRunner", "_prepare_inputs", "method",
-             ("scheduler_output", "num_scheduled_tokens"), "worker.model_runner"),
+             ("scheduler_output", "num_scheduled_tokens"), "worker.model_runner",
+             override=OUR_RUNNER),
     Internal(RUNNER, "GPUModelRunner", "_sample", "method",
-             ("logits", "spec_decode_metadata"), "worker.seeded_sampling"),
+             ("logits", "spec_decode_metadata"), "worker.seeded_sampling",
+             override="vllm_sink.worker.seeded_sampling:SeededChunkedPrefillMixin"),
     Internal(RUNNER, "GPUModelRunner", "_bookkeeping_sync", "method",
-             ("scheduler_output", "sampler_output"), "worker.seeded_sampling"),
+             ("scheduler_output", "sampler_output"), "worker.seeded_sampling",
+             override="vllm_sink.worker.seeded_sampling:SeededChunkedPrefillMixin"),
     *(
         Internal(RUNNER, "GPUModelRunner", name, "attribute", (), WORKER_ADAPTER)
         for name in ("discard_request_mask", "positions", "requests", "input_batch", "kv_caches")
     ),
     # The persistent batch, re-classed and rewritten row by row.
-    Internal(BATCH, "InputBatch", "add_request", "method", ("request",), "worker.input_batch"),
+    Internal(BATCH, "InputBatch", "add_request", "method", ("request",), "worker.input_batch",
+             override="vllm_sink.worker.input_batch:StreamingInputBatch"),
     Internal(BATCH, "InputBatch", "_make_sampling_metadata", "method", (), WORKER_ADAPTER),
     Internal(BATCH, "InputBatch", "req_ids", "attribute", (), WORKER_ADAPTER),
     *(
@@ -82,9 +96,10 @@ INTERNALS: tuple[Internal, ...] = (
         for name in ("req_ids", "num_computed_tokens", "resumed_req_ids", "all_token_ids")
     ),
     # The scheduler, subclassed (set through the public ``scheduler_cls``) and read.
-    Internal(SCHEDULER, "Scheduler", "make_stats", "method", (), "scheduler.scheduler"),
+    Internal(SCHEDULER, "Scheduler", "make_stats", "method", (), "scheduler.scheduler",
+             override=OUR_SCHEDULER),
     Internal(SCHEDULER, "Scheduler", "finish_requests", "method",
-             ("request_ids", "finished_status"), "scheduler.scheduler"),
+             ("request_ids", "finished_status"), "scheduler.scheduler", override=OUR_SCHEDULER),
     *(
         Internal(SCHEDULER, "Scheduler", name, "attribute", (), "scheduler.scheduler")
         for name in ("kv_cache_manager", "log_stats", "vllm_config")
@@ -94,12 +109,13 @@ INTERNALS: tuple[Internal, ...] = (
              "scheduler.scheduler"),
     # Snapshots: a finished request's blocks kept, and handed over as a cache hit.
     Internal(SCHEDULER, "Scheduler", "_free_request_blocks", "method", ("request",),
-             "scheduler.scheduler"),
+             "scheduler.scheduler", override=OUR_SCHEDULER),
     Internal(SCHEDULER, "Scheduler", "_request_blocks_can_be_freed", "method", ("request",),
              "scheduler.scheduler"),
     Internal(SCHEDULER, "Scheduler", "_get_local_prefix_cache_hit", "method", ("request",),
-             "scheduler.scheduler"),
-    Internal(SCHEDULER, "Scheduler", "schedule", "method", (), "scheduler.scheduler"),
+             "scheduler.scheduler", override=OUR_SCHEDULER, call_args=1, returns=4),
+    Internal(SCHEDULER, "Scheduler", "schedule", "method", (), "scheduler.scheduler",
+             override=OUR_SCHEDULER),
     *(
         Internal("vllm.v1.request", "Request", name, "attribute", (), "scheduler.vllm_scheduler")
         for name in (
@@ -109,29 +125,38 @@ INTERNALS: tuple[Internal, ...] = (
         )
     ),
     Internal("vllm.v1.core.kv_cache_manager", "KVCacheManager", "create_kv_cache_blocks",
-             "method", ("blocks",), "scheduler.scheduler"),
+             "method", ("blocks",), "scheduler.scheduler", call_args=1),
     Internal(KV_MANAGER, "SingleTypeKVCacheManager", "add_local_computed_blocks", "method",
              ("request_id", "new_computed_blocks", "num_local_computed_tokens",
-              "num_external_computed_tokens"), "scheduler.kv_cache"),
+              "num_external_computed_tokens"), "scheduler.kv_cache", override=OUR_KV_MANAGER),
     Internal(KV_MANAGER, "SingleTypeKVCacheManager", "_has_partial_local_hit", "method",
-             ("new_computed_blocks", "num_local_computed_tokens"), "scheduler.kv_cache"),
+             ("new_computed_blocks", "num_local_computed_tokens"), "scheduler.kv_cache",
+             override=OUR_KV_MANAGER),
     Internal(KV_MANAGER, "SingleTypeKVCacheManager", "pop_blocks_for_free", "method",
-             ("request_id",), "scheduler.kv_cache"),
+             ("request_id",), "scheduler.kv_cache", call_args=1),
+    Internal(KV_MANAGER, "SingleTypeKVCacheManager", "allocate_new_blocks", "method",
+             ("request_id", "num_tokens", "num_tokens_main_model"), "scheduler.kv_cache",
+             override=OUR_KV_MANAGER, call_args=3),
+    Internal(KV_MANAGER, "SingleTypeKVCacheManager", "free", "method", ("request_id",),
+             "scheduler.kv_cache", override=OUR_KV_MANAGER, call_args=1),
     *(
         Internal(KV_MANAGER, "SingleTypeKVCacheManager", name, "attribute", (),
                  "scheduler.kv_cache")
         for name in ("num_cached_block", "block_pool")
     ),
     Internal("vllm.v1.core.block_pool", "BlockPool", "unpin_blocks", "method",
-             ("blocks", "on_reuse"), "scheduler.snapshot_keeper"),
+             ("blocks", "on_reuse"), "scheduler.snapshot_keeper", call_args=2),
     Internal("vllm.v1.core.block_pool", "BlockPool", "touch", "method", ("blocks",),
-             "scheduler.snapshot_keeper"),
+             "scheduler.snapshot_keeper", call_args=1),
     Internal("vllm.v1.core.block_pool", "BlockPool", "get_new_blocks", "method",
-             ("num_blocks",), "scheduler.snapshot_keeper"),
+             ("num_blocks",), "scheduler.snapshot_keeper", call_args=1),
+    Internal("vllm.v1.core.block_pool", "BlockPool", "null_block", "attribute", (),
+             "scheduler.snapshot_keeper"),
     Internal("vllm.v1.core.block_pool", "BlockPool", "free_blocks", "method",
-             ("ordered_blocks",), "scheduler.kv_cache"),
+             ("ordered_blocks",), "scheduler.kv_cache", call_args=1),
     Internal(KV_MANAGER, "SingleTypeKVCacheManager", "get_num_blocks_to_allocate", "method",
-             ("request_id", "num_tokens", "new_computed_blocks"), "scheduler.kv_cache"),
+             ("request_id", "num_tokens", "new_computed_blocks"), "scheduler.kv_cache",
+             override=OUR_KV_MANAGER),
     *(
         Internal(SCHED_OUTPUT, "NewRequestData", name, "field", (), WORKER_ADAPTER)
         for name in ("sampling_params", "block_ids", "num_computed_tokens", "prompt_token_ids")
@@ -148,23 +173,26 @@ INTERNALS: tuple[Internal, ...] = (
              "scheduler.scheduler"),
     # The scheduler's per-kind KV manager, subclassed.
     Internal(KV_MANAGER, "SingleTypeKVCacheManager", "_remove_blocks_in_range", "method",
-             (), "scheduler.kv_cache"),
+             (), "scheduler.kv_cache", call_args=3),
     Internal(KV_MANAGER, "SingleTypeKVCacheManager", "remove_skipped_blocks", "method",
-             ("request_id", "processed_computed_tokens"), "scheduler.kv_cache"),
+             ("request_id", "processed_computed_tokens"), "scheduler.kv_cache",
+             override=OUR_KV_MANAGER),
     Internal(KV_MANAGER, "SingleTypeKVCacheManager", "__init__", "method",
-             ("kv_cache_spec", "max_admission_blocks_per_request"), "scheduler.kv_cache"),
+             ("kv_cache_spec", "max_admission_blocks_per_request"), "scheduler.kv_cache",
+             override=OUR_KV_MANAGER),
     Internal(KV_MANAGER, "SingleTypeKVCacheManager", "req_to_blocks", "attribute", (),
              "scheduler.kv_cache"),
     Internal("vllm.v1.kv_cache_spec_registry", "KVCacheSpecRegistry", "_ensure_registered",
              "method", (), "scheduler.vllm_scheduler"),
     # Elsewhere.
     Internal("vllm.v1.worker.cpu_worker", "CPUWorker", "init_device", "method", (),
-             "worker.cpu_worker"),
+             "worker.cpu_worker", override="vllm_sink.worker.cpu_worker:StreamingCPUWorker"),
     Internal("vllm.v1.worker.gpu_worker", "Worker", "_make_model_runner", "method", (),
-             "worker.gpu_worker"),
+             "worker.gpu_worker", override="vllm_sink.worker.gpu_worker:StreamingGPUWorker"),
     *(
         Internal(f"vllm.v1.worker.{module}", worker, "determine_available_memory", "method",
-                 (), "worker.streaming_worker")
+                 (), "worker.streaming_worker",
+                 override="vllm_sink.worker.streaming_worker:StreamingWorkerMixin")
         for module, worker in (("cpu_worker", "CPUWorker"), ("gpu_worker", "Worker"))
     ),
     Internal("vllm.v1.worker.gpu_worker", "Worker", "use_v2_model_runner", "attribute", (),

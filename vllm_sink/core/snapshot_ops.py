@@ -11,6 +11,7 @@ Plain frozen dataclasses, so they pickle to every tensor-parallel worker.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -39,10 +40,23 @@ class SpillSnapshot:
 
 @dataclass(frozen=True)
 class RestoreSnapshot:
-    """Write the snapshot's host copy back into ``blocks`` (the order it was spilled in)."""
+    """Write the snapshot back into ``blocks`` (the order it was read in): from its host
+    copy, or from ``files``, each rank's checked file (header, payload) read by the scheduler."""
 
     snapshot_id: str
     blocks: tuple[int, ...]
+    files: tuple[tuple[Any, bytearray], ...] | None = None
+
+
+@dataclass(frozen=True)
+class SaveSnapshot:
+    """Write the snapshot's blocks (in this order) and sink keys to a file per rank,
+    ``directory/<key>.<rank>.snap``, with ``header`` (the rank's own fields added)."""
+
+    snapshot_id: str
+    blocks: tuple[int, ...]
+    directory: str
+    header: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -60,7 +74,13 @@ class DropSnapshot:
 
 
 SnapshotOp = (
-    KeepStream | CopyBlocks | SpillSnapshot | RestoreSnapshot | EvictHostCopy | DropSnapshot
+    KeepStream
+    | CopyBlocks
+    | SpillSnapshot
+    | RestoreSnapshot
+    | SaveSnapshot
+    | EvictHostCopy
+    | DropSnapshot
 )
 
 OPS_ATTRIBUTE = "vllm_sink_snapshot_ops"

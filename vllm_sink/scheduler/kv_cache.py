@@ -17,6 +17,7 @@ the scheduler sees of them together: snapshots and figures.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -25,12 +26,14 @@ from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, SlidingWindowSpec
 
 from vllm_sink.core.policy import SinkWindowPolicy, _cdiv
-from vllm_sink.scheduler.snapshot_keeper import SnapshotKeeper
+from vllm_sink.scheduler.snapshot_keeper import SnapshotKeeper, TierSizes
 from vllm_sink.scheduler.vllm_scheduler import register_builtin_specs
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.v1.core.kv_cache_utils import KVCacheBlock
+
+    from vllm_sink.scheduler.snapshot_directory import SnapshotDirectory
 
 
 class _StreamingSpec:
@@ -139,10 +142,15 @@ class _StreamingManager(SingleTypeKVCacheManager):
     cache hit; the request gets a copy of them.
     """
 
-    def __init__(self, kv_cache_spec: _StreamingSpec, **kwargs) -> None:
+    def __init__(self, kv_cache_spec: _StreamingSpec, *args, **kwargs) -> None:
         self.policy = kv_cache_spec.policy
-        kwargs["max_admission_blocks_per_request"] = self.max_blocks_per_stream(kv_cache_spec)
-        super().__init__(kv_cache_spec, **kwargs)
+        arguments = inspect.signature(SingleTypeKVCacheManager.__init__).bind(
+            self, kv_cache_spec, *args, **kwargs
+        )
+        arguments.arguments["max_admission_blocks_per_request"] = self.max_blocks_per_stream(
+            kv_cache_spec
+        )
+        super().__init__(*arguments.args[1:], **arguments.kwargs)
         self._progress: dict[str, StreamProgress] = {}
         self.peak_resident_blocks = 0
         """Most blocks any one request has held at once (for tests and metrics)."""
@@ -309,14 +317,12 @@ class StreamingManagers:
         self.groups: list[_StreamingManager] = list(managers)  # type: ignore[arg-type]
         (self.sinks,) = (m for m in self.groups if isinstance(m, StreamingSinkManager))
         self.block_pool = self.sinks.block_pool
-        self.enable_snapshots(0, b"")
+        self.enable_snapshots(TierSizes(pool_snapshots=0), b"")
 
     def enable_snapshots(
-        self, capacity: int, salt: bytes, host_bytes: int = 0, bytes_per_block: int = 0
+        self, sizes: TierSizes, salt: bytes, disk: SnapshotDirectory | None = None
     ) -> None:
-        self.snapshots = SnapshotKeeper(
-            self.block_pool, self.sinks.block_size, capacity, salt, host_bytes, bytes_per_block
-        )
+        self.snapshots = SnapshotKeeper(self.block_pool, self.sinks.block_size, sizes, salt, disk)
         for manager in self.groups:
             manager.snapshots = self.snapshots
 

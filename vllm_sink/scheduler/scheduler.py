@@ -3,9 +3,9 @@
 * A finished stream's blocks are kept as a snapshot instead of freed, and a new
   request whose prompt begins with a snapshot's tokens gets a copy of it as its
   cache hit (vLLM's own prefix-hit path: ``_get_local_prefix_cache_hit``),
-  prefilling only the rest (:mod:`vllm_sink.scheduler.snapshots`). The worker
+  prefilling only the rest (:mod:`vllm_sink.core.snapshots`). The worker
   learns which stream it continues from the request's ``extra_args``
-  (:data:`~vllm_sink.scheduler.snapshots.RESUME_KEY`), and what to copy from
+  (:data:`~vllm_sink.core.snapshots.RESUME_KEY`), and what to copy from
   the ops each step carries (:mod:`vllm_sink.core.snapshot_ops`).
 * vLLM makes its scheduler stats once per step (``make_stats``) when stats are
   on; the streaming figures are made at the same moment from the streaming KV
@@ -21,12 +21,15 @@ import hashlib
 import time
 from collections import Counter
 
+from vllm.logger import init_logger
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from vllm_sink.config import GIB, streaming_policy, streaming_settings
+from vllm_sink.core.snapshots import resume_source
 from vllm_sink.metrics import StreamingBoard, engine_key
 from vllm_sink.scheduler.kv_cache import StreamingManagers
-from vllm_sink.scheduler.snapshots import resume_source
+from vllm_sink.scheduler.snapshot_directory import open_snapshot_directory
+from vllm_sink.scheduler.snapshot_keeper import TierSizes
 from vllm_sink.scheduler.vllm_scheduler import (
     attach_snapshot_ops,
     computed_tokens,
@@ -35,7 +38,10 @@ from vllm_sink.scheduler.vllm_scheduler import (
     request_salt,
     resumable,
     single_type_managers,
+    sink_key_bytes,
 )
+
+logger = init_logger("vllm.vllm_sink")
 
 PUBLISH_INTERVAL_S = 0.5
 """How often a busy scheduler refreshes the figures (they cost O(streams) to make)."""
@@ -49,14 +55,7 @@ class StreamingSchedulerMixin:
         config = self.vllm_config
         # The worker gives every layer a streaming spec (or refuses the model).
         self.streaming = StreamingManagers(single_type_managers(self))
-        policy, settings = streaming_policy(config), streaming_settings(config)
-        tensor_parallel = config.parallel_config.tensor_parallel_size
-        self.streaming.enable_snapshots(
-            settings.snapshots,
-            engine_salt(config.model_config.model, policy),
-            host_bytes=int(settings.host_size * GIB / tensor_parallel),
-            bytes_per_block=kv_bytes_per_block(self.kv_cache_config),
-        )
+        self._enable_snapshots()
         self.snapshot_hits = self.snapshot_misses = self.snapshot_tokens_skipped = 0
         self.tier_hits: Counter[str] = Counter()
         """Resumes, by the tier their snapshot was found in."""
@@ -71,6 +70,36 @@ class StreamingSchedulerMixin:
             self.publish_streaming_figures()
 
     # ---------------------------------------------------------------- snapshots
+    def _enable_snapshots(self) -> None:
+        config = self.vllm_config
+        policy, settings = streaming_policy(config), streaming_settings(config)
+        ranks = config.parallel_config.tensor_parallel_size
+        sizes = TierSizes(
+            pool_snapshots=settings.snapshots,
+            host_bytes=int(settings.host_size * GIB / ranks),
+            disk_bytes=int(settings.dir_size * GIB) if settings.directory else 0,
+            bytes_per_block=kv_bytes_per_block(self.kv_cache_config),
+            sink_key_bytes=sink_key_bytes(self.kv_cache_config, policy.sinks),
+            ranks=ranks,
+        )
+        salt, disk = engine_salt(config.model_config.model, policy), None
+        if settings.directory and settings.snapshots and sizes.disk_bytes:
+            disk = open_snapshot_directory(settings.directory, config, self.kv_cache_config, policy)
+        elif settings.directory:
+            logger.warning(
+                "vllm-sink: snapshots are not kept on disk: --streaming-snapshot-dir-size is 0"
+            )
+        if disk is not None:
+            salt = bytes.fromhex(disk.engine)  # the same keys in every engine sharing it
+        self.streaming.enable_snapshots(sizes, salt, disk)
+        if disk is not None:
+            logger.info(
+                "vllm-sink: snapshots also kept in %s (at most %.1f GiB); %d found there",
+                disk.path,
+                settings.dir_size,
+                self.streaming.snapshots.tier_figures()["disk"][0],
+            )
+
     def _free_request_blocks(self, request) -> None:
         self._resumed_from_tier.pop(request.request_id, None)
         if (
@@ -108,6 +137,7 @@ class StreamingSchedulerMixin:
         return blocks, length, 0, False
 
     def schedule(self, *args, **kwargs):
+        self.streaming.snapshots.maybe_scan()
         output = super().schedule(*args, **kwargs)
         attach_snapshot_ops(output, self.streaming.snapshots.take_ops())
         for new in output.scheduled_new_reqs:
@@ -143,6 +173,7 @@ class StreamingSchedulerMixin:
             "snapshot_misses": self.snapshot_misses,
             "snapshot_tokens_skipped": self.snapshot_tokens_skipped,
             "snapshot_spills": snapshots.spills,
+            "snapshot_disk_read_us": int(snapshots.disk_read_seconds * 1e6),
             **{f"snapshot_count_{tier}": count for tier, (count, _) in tiers.items()},
             **{f"snapshot_bytes_{tier}": size for tier, (_, size) in tiers.items()},
             **{f"snapshot_hits_{tier}": self.tier_hits[tier] for tier in tiers},

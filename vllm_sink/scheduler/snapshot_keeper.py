@@ -1,47 +1,80 @@
-"""Where each snapshot lives (vLLM's KV block pool, host memory), and the worker ops that move it.
+"""Where each snapshot lives (the KV block pool, host memory, disk), and the ops that move it.
 
 * **Pool.** A snapshot's blocks go back to the block pool as free blocks that
   stay readable until reused (``BlockPool.unpin_blocks``), behind the blocks
   requests free, so the pool hands them out last, least recently used first.
-  At most ``capacity`` snapshots are kept there.
+  At most ``pool_snapshots`` are kept there.
 * **Host.** What the pool gives up (a block handed out, or the count limit) is
-  spilled to the worker's host memory, within ``host_bytes``, least recently
-  used out first; without room it is gone.
+  spilled to the worker's host memory within ``host_bytes``, least recently
+  used out first.
+* **Disk.** Every snapshot is written to a file per rank as it is made (in the
+  background), within ``disk_bytes``, least recently used out first; other
+  engines sharing the directory (a restarted server, replicas) find it there
+  (:mod:`vllm_sink.scheduler.snapshot_directory`).
 
-A request that resumes a snapshot gets a copy of its pool blocks
-(:meth:`SnapshotKeeper.copy_row`): the snapshot stays as it is for the next
-request that continues the same stream. A snapshot found in host memory is
-first restored into fresh pool blocks. The copies run on the worker before the
-step (:mod:`vllm_sink.core.snapshot_ops`), in the order issued; the blocks they
-read are held until the step is scheduled, then released as the most recently
-used.
+A snapshot no tier holds is gone. A request that resumes a snapshot gets a copy
+of its pool blocks (:meth:`SnapshotKeeper.copy_row`): the snapshot stays as it
+is for the next request that continues the same stream. One found in host
+memory or on disk is first restored into fresh pool blocks. The worker carries
+out the ops before the step (:mod:`vllm_sink.core.snapshot_ops`), in the order
+issued; the blocks a copy reads are held until the step is scheduled, then
+released as the most recently used.
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from vllm_sink.core.snapshot_file import snapshot_fields
 from vllm_sink.core.snapshot_ops import (
     CopyBlocks,
     DropSnapshot,
     EvictHostCopy,
     KeepStream,
     RestoreSnapshot,
+    SaveSnapshot,
     SnapshotOp,
     SpillSnapshot,
 )
-from vllm_sink.scheduler.snapshots import Snapshot, SnapshotIndex
+from vllm_sink.core.snapshots import Snapshot, SnapshotIndex
 
 if TYPE_CHECKING:
     from vllm.v1.core.block_pool import BlockPool
     from vllm.v1.core.kv_cache_utils import KVCacheBlock
 
+    from vllm_sink.scheduler.snapshot_directory import SnapshotDirectory
+
 Row = tuple["KVCacheBlock", ...]
 """A request's blocks in one KV cache group, null placeholders where freed."""
 
-TIERS = ("pool", "host")
+TIERS = ("pool", "host", "disk")
+SCAN_INTERVAL_S = 5.0
+"""How often the directory is looked at (budget, files others wrote or removed)."""
+RESCAN_ON_MISS_S = 0.25
+"""A miss looks at the directory again if it was looked at longer ago than this."""
+SAVE_GRACE_S = 60.0
+"""A file being written is not missed from the directory for this long."""
+HEADER_ALLOWANCE = 16 * 1024
+"""A snapshot file's header, besides its tokens since its cache last changed (8 bytes each)."""
+
+
+@dataclass(frozen=True)
+class TierSizes:
+    pool_snapshots: int
+    """Most snapshots in the pool (``--streaming-snapshots``)."""
+    host_bytes: int = 0
+    """Host memory for snapshots, per worker."""
+    disk_bytes: int = 0
+    """Disk for snapshot files, all ranks' together."""
+    bytes_per_block: int = 0
+    """Bytes of KV one block holds on one worker, what a spill of it costs."""
+    sink_key_bytes: int = 0
+    """Bytes of one worker's sink keys' first copy (in each of its files)."""
+    ranks: int = 1
 
 
 class SnapshotKeeper:
@@ -51,31 +84,39 @@ class SnapshotKeeper:
         self,
         block_pool: BlockPool,
         block_size: int,
-        capacity: int,
+        sizes: TierSizes,
         salt: bytes,
-        host_bytes: int = 0,
-        bytes_per_block: int = 0,
+        disk: SnapshotDirectory | None = None,
     ) -> None:
         self.block_pool = block_pool
         self.block_size = block_size
-        self.capacity = capacity
-        """Most snapshots in the pool."""
-        self.host_bytes = host_bytes
-        self.bytes_per_block = bytes_per_block
-        """Bytes of KV one block holds (over every layer), what a spill of it costs."""
+        self.sizes = sizes
+        self.disk = disk if sizes.disk_bytes else None
         self.index = SnapshotIndex(block_size, salt)
         """Every snapshot, in any tier, least recently used first."""
         self._pool: OrderedDict[bytes, tuple[Row, ...]] = OrderedDict()
         """Pool snapshots' blocks, one row per KV cache group, least recently used first."""
         self._host: OrderedDict[bytes, int] = OrderedDict()
         """Host snapshots' sizes in bytes, least recently used first."""
+        self._disk: OrderedDict[bytes, int] = OrderedDict()
+        """Disk snapshots' sizes in bytes, least recently used first."""
+        self._saving: dict[bytes, float] = {}
+        """Files being written (not seen in the directory yet), by when they were asked for."""
+        self._scanned_at = float("-inf")
         self._key_of_block: dict[int, bytes] = {}
         self._retained: list[KVCacheBlock] = []
         """Blocks this step's copies read, held until the step is scheduled."""
         self._ops: list[SnapshotOp] = []
         self._restoring: bytes | None = None
-        """The host snapshot being restored (its host copy must stay until then)."""
+        """The snapshot being restored (its host copy or files must stay until then)."""
         self.spills = 0
+        self.disk_read_seconds = 0.0
+        if self.disk is not None:
+            self.scan()
+
+    @property
+    def capacity(self) -> int:
+        return self.sizes.pool_snapshots
 
     def __len__(self) -> int:
         return len(self.index)
@@ -86,11 +127,11 @@ class SnapshotKeeper:
         return len(self._key_of_block)
 
     def tier_figures(self) -> dict[str, tuple[int, int]]:
-        """Per tier, the snapshots it holds and their bytes."""
-        host = sum(self._host.values())
+        """Per tier, the snapshots it holds and their bytes (pool and host: one worker's)."""
         return {
-            "pool": (len(self._pool), self.num_blocks * self.bytes_per_block),
-            "host": (len(self._host), host),
+            "pool": (len(self._pool), self.num_blocks * self.sizes.bytes_per_block),
+            "host": (len(self._host), sum(self._host.values())),
+            "disk": (len(self._disk), sum(self._disk.values())),
         }
 
     # ---------------------------------------------------------------- keeping
@@ -105,14 +146,14 @@ class SnapshotKeeper:
         shift: int,
     ) -> None:
         """Keep a finished request's ``rows`` (whose references it hands over) as a snapshot."""
-        snapshot = self.index.make(
-            request_id, tokens, request_salt, resumable_from, shift, freed_until
-        )
+        snapshot = self.index.make(tokens, request_salt, resumable_from, shift, freed_until)
         replaced = self.index.get(snapshot.key)
         if replaced is not None:
-            self._forget(replaced)
+            self._forget(replaced, remove_files=False)
         self.index.add(snapshot)
         self._ops.append(KeepStream(request_id, snapshot.snapshot_id))
+        if self.disk is not None:
+            self._save(snapshot, _live(rows))
         self._into_pool(snapshot, rows)
 
     def _into_pool(self, snapshot: Snapshot, rows: tuple[Row, ...]) -> None:
@@ -135,44 +176,104 @@ class SnapshotKeeper:
             self._leave_pool(snapshot)
 
     def _leave_pool(self, snapshot: Snapshot) -> None:
-        """Spill a snapshot the pool gives up, if it is not in host memory yet and fits."""
+        """Spill a snapshot the pool gives up to host memory, unless a lower tier holds it."""
         rows = self._pool.pop(snapshot.key)
         for block in _live(rows):
             if self._key_of_block.get(block.block_id) == snapshot.key:
                 del self._key_of_block[block.block_id]
         if snapshot.key in self._host:
             return
-        size = len(_live(rows)) * self.bytes_per_block
-        if not self._make_host_room(size):
+        size = len(_live(rows)) * self.sizes.bytes_per_block
+        if self._make_room(self._host, self.sizes.host_bytes, size):
+            self._ops.append(SpillSnapshot(snapshot.snapshot_id, _ids(_live(rows))))
+            self._host[snapshot.key] = size
+            self.spills += 1
+        elif snapshot.key not in self._disk:
             self._forget(snapshot)
+
+    def _save(self, snapshot: Snapshot, live: list[KVCacheBlock]) -> None:
+        """Write a new snapshot to disk (the worker does, in the background)."""
+        sizes = self.sizes
+        per_rank = (
+            len(live) * sizes.bytes_per_block
+            + sizes.sink_key_bytes
+            + HEADER_ALLOWANCE
+            + 8 * len(snapshot.tail_tokens)
+        )
+        if not self._make_room(self._disk, sizes.disk_bytes, per_rank * sizes.ranks):
             return
-        self._ops.append(SpillSnapshot(snapshot.snapshot_id, _ids(_live(rows))))
-        self._host[snapshot.key] = size
-        self.spills += 1
+        header = {
+            "engine": self.disk.engine,
+            "ranks": sizes.ranks,
+            "snapshot": snapshot_fields(snapshot),
+        }
+        self._ops.append(
+            SaveSnapshot(snapshot.snapshot_id, _ids(live), str(self.disk.path), header)
+        )
+        self._disk[snapshot.key] = per_rank * sizes.ranks
+        self._saving[snapshot.key] = time.monotonic()
 
-    def _make_host_room(self, size: int) -> bool:
-        """Evict least recently used host copies until ``size`` more bytes fit."""
-        if not self.host_bytes or size > self.host_bytes:
+    def _make_room(self, tier: OrderedDict[bytes, int], budget: int, size: int) -> bool:
+        """Evict a tier's least recently used snapshots until ``size`` more bytes fit."""
+        if not budget or size > budget:
             return False
-        used = sum(self._host.values())
-        for key in [k for k in self._host if k != self._restoring]:
-            if used + size <= self.host_bytes:
+        used = sum(tier.values())
+        for key in [k for k in tier if k != self._restoring]:
+            if used + size <= budget:
                 break
-            used -= self._host.pop(key)
-            snapshot = self.index.get(key)
-            if key in self._pool:
-                self._ops.append(EvictHostCopy(snapshot.snapshot_id))
-            else:
-                self._forget(snapshot)
-        return used + size <= self.host_bytes
+            used -= tier[key]
+            self._leave(tier, self.index.get(key))
+        return used + size <= budget
 
-    def _forget(self, snapshot: Snapshot) -> None:
+    def _leave(self, tier: OrderedDict[bytes, int], snapshot: Snapshot) -> None:
+        """``snapshot`` leaves the host or disk tier; gone if no other tier holds it."""
+        del tier[snapshot.key]
+        if tier is self._disk:
+            self._saving.pop(snapshot.key, None)
+            self.disk.remove(snapshot)
+        held = [t for t in (self._pool, self._host, self._disk) if snapshot.key in t]
+        if not held:
+            self._forget(snapshot)
+        elif tier is self._host:
+            self._ops.append(EvictHostCopy(snapshot.snapshot_id))
+
+    def _forget(self, snapshot: Snapshot, remove_files: bool = True) -> None:
         self.index.remove(snapshot.key)
         self._host.pop(snapshot.key, None)
+        if self._disk.pop(snapshot.key, None) is not None and remove_files:
+            self._saving.pop(snapshot.key, None)
+            self.disk.remove(snapshot)
         for block in _live(self._pool.pop(snapshot.key, ())):
             if self._key_of_block.get(block.block_id) == snapshot.key:
                 del self._key_of_block[block.block_id]
         self._ops.append(DropSnapshot(snapshot.snapshot_id))
+
+    # ------------------------------------------------------------------- disk
+    def scan(self) -> None:
+        """Bring the disk tier up to date with the directory, and within its budget."""
+        if self.disk is None:
+            return
+        self._scanned_at = now = time.monotonic()
+        found = self.disk.scan()
+        for key in list(self._disk):
+            being_written = now - self._saving.get(key, float("-inf")) < SAVE_GRACE_S
+            if key not in found and not being_written:  # removed by another engine
+                snapshot = self.index.get(key)
+                del self._disk[key]
+                self._saving.pop(key, None)
+                if snapshot.key not in self._pool and snapshot.key not in self._host:
+                    self._forget(snapshot, remove_files=False)
+        for key, on_disk in sorted(found.items(), key=lambda item: item[1].used_at):
+            self._saving.pop(key, None)
+            if self.index.get(key) is None:
+                self.index.add(on_disk.snapshot)
+            self._disk[key] = on_disk.bytes
+            self._disk.move_to_end(key)
+        self._make_room(self._disk, self.sizes.disk_bytes, 0)
+
+    def maybe_scan(self) -> None:
+        if self.disk is not None and time.monotonic() - self._scanned_at > SCAN_INTERVAL_S:
+            self.scan()
 
     # --------------------------------------------------------------- resuming
     def resume(
@@ -181,31 +282,49 @@ class SnapshotKeeper:
         """The snapshot that resumes the most of ``tokens`` (at most ``max_tokens``), in the pool.
 
         With how many tokens it resumes, its pool blocks for them and the tier
-        it was found in. A snapshot in host memory is restored into the pool
-        first, if the pool has room for it and for the request's copy of it;
-        else ``None``.
+        it was found in. A snapshot in host memory or on disk is restored into
+        the pool first, if the pool has room for it and for the request's copy
+        of it; else ``None``.
         """
         found = self.index.find(tokens, request_salt, max_tokens)
+        if found is None and self.disk is not None:
+            if time.monotonic() - self._scanned_at > RESCAN_ON_MISS_S:
+                self.scan()  # another engine may have written it since
+                found = self.index.find(tokens, request_salt, max_tokens)
         if found is None:
             return None
         snapshot, length = found
-        tier = "pool" if snapshot.key in self._pool else "host"
-        if tier == "host" and not self._restore(snapshot):
+        key = snapshot.key
+        tier = next(name for name, t in zip(TIERS, self._tiers()) if key in t)
+        if tier != "pool" and not self._restore(snapshot, tier):
             return None
         self.index.used(snapshot)
-        self._pool.move_to_end(snapshot.key)
-        if snapshot.key in self._host:
-            self._host.move_to_end(snapshot.key)
+        for held in self._tiers():
+            if key in held:
+                held.move_to_end(key)
+        if key in self._disk and tier != "disk":
+            self.disk.touch(snapshot)
         held = -(-length // self.block_size)
-        return snapshot, length, tuple(row[:held] for row in self._pool[snapshot.key]), tier
+        return snapshot, length, tuple(row[:held] for row in self._pool[key]), tier
 
-    def _restore(self, snapshot: Snapshot) -> bool:
-        """Restore a host snapshot into fresh pool blocks."""
+    def _tiers(self) -> tuple[OrderedDict, ...]:
+        return self._pool, self._host, self._disk
+
+    def _restore(self, snapshot: Snapshot, tier: str) -> bool:
+        """Restore a host or disk snapshot into fresh pool blocks."""
         groups = range(len(snapshot.freed_until))
         needed = sum(len(snapshot.live_blocks(g)) for g in groups)
         if self.block_pool.get_num_free_blocks() < 2 * needed:  # and the request's copy
             return False
-        self._restoring = snapshot.key  # spills this causes evict other host copies
+        files = None
+        if tier == "disk":
+            start = time.perf_counter()
+            files = self.disk.load(snapshot)
+            self.disk_read_seconds += time.perf_counter() - start
+            if files is None:  # not whole any more: warned
+                self._leave(self._disk, snapshot)
+                return False
+        self._restoring = snapshot.key  # what this hands out must not evict it
         fresh = iter(self.block_pool.get_new_blocks(needed))
         null = self.block_pool.null_block
         rows = []
@@ -214,7 +333,9 @@ class SnapshotKeeper:
             for i in snapshot.live_blocks(group):
                 row[i] = next(fresh)
             rows.append(tuple(row))
-        self._ops.append(RestoreSnapshot(snapshot.snapshot_id, _ids(_live(tuple(rows)))))
+        self._ops.append(
+            RestoreSnapshot(snapshot.snapshot_id, _ids(_live(tuple(rows))), files and tuple(files))
+        )
         self._into_pool(snapshot, tuple(rows))
         self._restoring = None
         return True

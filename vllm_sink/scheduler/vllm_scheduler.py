@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from vllm_sink.core.snapshot_ops import OPS_ATTRIBUTE, SnapshotOp
-from vllm_sink.scheduler.snapshots import RESUME_KEY, Snapshot
+from vllm_sink.core.snapshots import RESUME_KEY, Snapshot
 
 
 def single_type_managers(scheduler: Any) -> tuple[Any, ...]:
@@ -27,6 +27,16 @@ def kv_bytes_per_block(kv_cache_config: Any) -> int:
         group.kv_cache_spec.page_size_bytes * len(group.layer_names)
         for group in kv_cache_config.kv_cache_groups
     )
+
+
+def sink_key_bytes(kv_cache_config: Any, sinks: int) -> int:
+    """Bytes of one worker's copy of a stream's sink keys (every layer of the sink group)."""
+    for group in kv_cache_config.kv_cache_groups:
+        spec = group.kv_cache_spec
+        if getattr(spec, "sliding_window", None) is None:
+            key_bytes_per_token = spec.page_size_bytes // (2 * spec.block_size)
+            return sinks * key_bytes_per_token * len(group.layer_names)
+    return 0
 
 
 def register_builtin_specs() -> None:

@@ -217,10 +217,12 @@ class StreamingModelRunnerMixin:
         )
         runner_api.add_logits_processor(self, StreamMinTokens(self._rows_below_min_tokens))
         self._snapshots = SnapshotVault(
-            KVPages(runner_api.kv_caches(self), kv_cache_config.num_blocks)
+            KVPages(runner_api.kv_caches(self), kv_cache_config.num_blocks),
+            rank=runner_api.tensor_parallel_rank(),
         )
-        self._times_board: StreamingBoard | None | bool = False
-        """Where spill and restore times go (``False``: not looked for yet)."""
+        self._figures_board: StreamingBoard | None | bool = False
+        """Where the worker's snapshot figures go (``False``: not looked for yet)."""
+        self._published_figures: dict[str, int] = {}
         layers = get_layers_from_vllm_config(self.vllm_config, Attention)
         self._layer_groups: list[LayerGroup] = []
         for group in kv_cache_config.kv_cache_groups:
@@ -270,10 +272,8 @@ class StreamingModelRunnerMixin:
             if stream is not None:
                 self._snapshots.finished(req_id, stream)
         # Before anything reads or writes the blocks these ops copy.
-        ops = runner_api.snapshot_ops(scheduler_output)
-        if ops:
-            self._snapshots.apply(ops)
-            self._publish_snapshot_times()
+        self._snapshots.apply(runner_api.snapshot_ops(scheduler_output))
+        self._publish_snapshot_figures()
         resumed: list[tuple[str, runner_api.Rows, int]] = []
         for new_req in scheduler_output.scheduled_new_reqs:
             assert new_req.prompt_token_ids is not None, "streams take token prompts"
@@ -312,15 +312,20 @@ class StreamingModelRunnerMixin:
             runner_api.refresh_penalty_inputs(self)
         return result
 
-    def _publish_snapshot_times(self) -> None:
-        """Spill and restore times on the engine's board (the first worker's)."""
-        if self._times_board is False:
+    def _publish_snapshot_figures(self) -> None:
+        """The worker's snapshot figures on the engine's board (the first worker's), as they
+        change (files are written in the background)."""
+        figures = self._snapshots.figures
+        if figures == self._published_figures:
+            return
+        self._published_figures = dict(figures)
+        if self._figures_board is False:
             config = self.vllm_config
             engine = engine_key(config.instance_id, config.parallel_config.data_parallel_index)
-            first = runner_api.tensor_parallel_rank() == 0
-            self._times_board = open_board(engine) if first else None
-        if self._times_board is not None:
-            self._times_board.publish(self._snapshots.microseconds)
+            first = self._snapshots.rank == 0
+            self._figures_board = open_board(engine) if first else None
+        if self._figures_board is not None:
+            self._figures_board.publish(figures)
 
     def _resume(
         self, stream: StreamState, rows: runner_api.Rows, snapshot_id: str, shift: int

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from vllm_sink.core.snapshot_ops import OPS_ATTRIBUTE, SnapshotOp
+from vllm_sink.core.snapshots import resume_source
 from vllm_sink.core.stream_view import StreamView
-from vllm_sink.scheduler.snapshots import resume_source
 
 if TYPE_CHECKING:
     from vllm.v1.worker.gpu_input_batch import CachedRequestState
@@ -98,7 +98,7 @@ def snapshot_ops(scheduler_output: Any) -> list[SnapshotOp]:
 def resumed_from(new_request: Any) -> tuple[str, int] | None:
     """``(snapshot id, the stream's shift)`` of a request continuing a snapshot.
 
-    Set by the scheduler (:data:`vllm_sink.scheduler.snapshots.RESUME_KEY`).
+    Set by the scheduler (:data:`vllm_sink.core.snapshots.RESUME_KEY`).
     """
     if not new_request.num_computed_tokens:
         return None

@@ -45,7 +45,7 @@ def resume_source(params: Any) -> tuple[str, int] | None:
 @dataclass(frozen=True)
 class Snapshot:
     snapshot_id: str
-    """The request whose stream this is (the worker keeps its state under this id)."""
+    """Its key, shortened: the worker keeps its state under this id."""
     key: bytes
     """The key of the tokens it covers (:class:`~vllm_sink.core.token_prefix.PrefixKeys`)."""
     num_tokens: int
@@ -103,7 +103,6 @@ class SnapshotIndex:
 
     def make(
         self,
-        snapshot_id: str,
         tokens: Sequence[int],
         request_salt: str,
         resumable_from: int,
@@ -111,9 +110,10 @@ class SnapshotIndex:
         freed_until: tuple[int, ...],
     ) -> Snapshot:
         keys = self.keys(tokens, request_salt)
+        key = keys.key(len(tokens))
         return Snapshot(
-            snapshot_id=snapshot_id,
-            key=keys.key(len(tokens)),
+            snapshot_id=key.hex()[:32],
+            key=key,
             num_tokens=len(tokens),
             resumable_from=resumable_from,
             start_key=keys.key(resumable_from),
