@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import random
 import statistics
 import tempfile
@@ -359,6 +360,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default="chat_service")
     args = parser.parse_args()
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0-1"  # what vllm_serve's servers compute on
 
     from common import handbook_tokens
     from transformers import AutoTokenizer

@@ -4,9 +4,9 @@ guidellm (its own virtual environment: ``python -m venv .venv-guidellm &&
 .venv-guidellm/bin/pip install guidellm==0.8.1``, since it pins versions of its
 own) drives the server with ``--profile kind=concurrent`` conversations of
 ``--turns`` turns, each turn ``--prompt-tokens`` of synthetic text and
-``--output-tokens`` of reply, the history re-sent as a client does. vllm-sink's
-``/metrics`` before and after count the requests that resumed a snapshot;
-every conversation's first turn has nothing to resume.
+``--output-tokens`` of reply, the history re-sent as a client does. The server
+logs, at debug level, how many prompt tokens each request resumed from a
+snapshot: a follow-up turn resumed if a snapshot held most of its history.
 Writes ``results/<name>.json``.
 
     .venv/bin/python benchmarks/guidellm_chat.py --guidellm .venv-guidellm/bin/guidellm
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import subprocess
 import tempfile
 import time
@@ -28,9 +30,11 @@ from vllm_sink_dev.serve import vllm_serve
 FLAGS = ["--streaming-sinks", "4", "--streaming-window", "1020"]
 
 
-def counters(server) -> dict[str, float]:
-    metrics = server.metrics()
-    return {name: metrics[f"vllm_sink:snapshot_{name}_total"] for name in ("hits", "misses")}
+def admitted(log: Path) -> list[tuple[int, int]]:
+    """``(prompt tokens, tokens resumed)`` of each request the server admitted, in order
+    (the scheduler's debug line)."""
+    pattern = re.compile(r"vllm-sink: request \S+: (\d+) prompt tokens, (\d+) resumed")
+    return [(int(a), int(b)) for a, b in pattern.findall(log.read_text())]
 
 
 def main() -> None:
@@ -44,11 +48,14 @@ def main() -> None:
     parser.add_argument("--flags", nargs="*", default=[], help="more server flags")
     parser.add_argument("--name", default="guidellm_chat")
     args = parser.parse_args()
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0-1"  # what vllm_serve's servers compute on
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        with vllm_serve(MODEL, [*FLAGS, *args.flags], scratch / "server.log") as server:
-            before = counters(server)
+        log = scratch / "server.log"
+        with vllm_serve(
+            MODEL, [*FLAGS, *args.flags], log, env={"VLLM_LOGGING_LEVEL": "DEBUG"}
+        ) as server:
             out = scratch / "guidellm.json"
             command = [
                 args.guidellm, "run",
@@ -64,40 +71,28 @@ def main() -> None:
             started = time.perf_counter()
             subprocess.run(command, check=True, cwd=scratch)
             wall = time.perf_counter() - started
-            time.sleep(2)
-            after = counters(server)
             report = json.loads(out.read_text())
-    hits, misses = (after[k] - before[k] for k in ("hits", "misses"))
-    benchmark = report["benchmarks"][0]
-    requests = benchmark["requests"]["successful"]
-    conversations = len({r.get("conversation_id") or r.get("request_id") for r in requests
-                         if r.get("turn_index", 0) == 0})  # fmt: skip
-    ttft = benchmark["metrics"]["time_to_first_token_ms"]["successful"]
+            requests = admitted(log)
+    # A first turn is a prompt no longer than one turn's; a follow-up resumed if the
+    # snapshot held more than half its prompt (the history before its last message).
+    follow_ups = [(p, r) for p, r in requests if p > args.prompt_tokens * 1.3]
+    resumed = [(p, r) for p, r in follow_ups if r > p / 2]
+    completed = report["benchmarks"][0]["requests"]["successful"]
+    ttft = sorted(r["time_to_first_token_ms"] for r in completed if r["time_to_first_token_ms"])
     save_result(
         args.name,
         {
             "settings": vars(args),
             "wall_s": wall,
-            "requests_completed": len(requests),
-            "snapshot_hits": hits,
-            "snapshot_misses": misses,
-            "first_turns": conversations,
-            "follow_ups_resumed": hits / max(1, hits + misses - conversations),
-            "ttft_ms": {k: ttft.get(k) for k in ("median", "p95", "p99")},
-            "requests": [
-                {
-                    k: r.get(k)
-                    for k in (
-                        "prompt_tokens",
-                        "output_tokens",
-                        "time_to_first_token_ms",
-                        "turn_index",
-                    )
-                }
-                for r in requests
-            ],  # fmt: skip
+            "requests_admitted": len(requests),
+            "requests_completed": len(completed),
+            "follow_ups": len(follow_ups),
+            "follow_ups_resumed": len(resumed) / max(1, len(follow_ups)),
+            "missed_follow_ups": [(p, r) for p, r in follow_ups if r <= p / 2],
+            "ttft_ms": {q: ttft[min(len(ttft) - 1, int(q * len(ttft)))] for q in (0.5, 0.95)},
+            "admitted": requests,
         },
-        print_without=("requests",),
+        print_without=("admitted",),
     )
 
 

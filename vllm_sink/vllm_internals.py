@@ -102,7 +102,7 @@ INTERNALS: tuple[Internal, ...] = (
              ("request_ids", "finished_status"), "scheduler.scheduler", override=OUR_SCHEDULER),
     *(
         Internal(SCHEDULER, "Scheduler", name, "attribute", (), "scheduler.scheduler")
-        for name in ("kv_cache_manager", "log_stats", "vllm_config")
+        for name in ("kv_cache_manager", "log_stats", "vllm_config", "running")
     ),
     # The engine's DP rank, which a non-MoE DP engine keeps only here (its board's name).
     Internal("vllm.config.parallel", "ParallelConfig", "data_parallel_index", "field", (),
@@ -121,7 +121,7 @@ INTERNALS: tuple[Internal, ...] = (
         for name in (
             "all_token_ids", "num_computed_tokens", "num_tokens", "cache_salt", "lora_request",
             "mm_features", "prompt_embeds", "skip_reading_prefix_cache", "sampling_params",
-            "request_id", "is_finished",
+            "request_id", "is_finished", "num_prompt_tokens",
         )
     ),
     Internal("vllm.v1.core.kv_cache_manager", "KVCacheManager", "create_kv_cache_blocks",

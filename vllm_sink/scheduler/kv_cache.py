@@ -326,11 +326,15 @@ class StreamingManagers:
         for manager in self.groups:
             manager.snapshots = self.snapshots
 
-    def keep_snapshot(self, request_id: str, tokens: Sequence[int], request_salt: str) -> bool:
-        """Keep a finished request's blocks as a snapshot of ``tokens`` (its computed tokens).
+    def keep_snapshot(
+        self, request_id: str, tokens: Sequence[int], request_salt: str, running: bool = False
+    ) -> bool:
+        """Keep a request's blocks as a snapshot of ``tokens`` (its computed tokens).
 
-        Instead of freeing them; ``False`` (nothing done) when snapshots are
-        off or the request holds no KV.
+        A finished request's blocks are kept instead of freed; a running
+        request's (``running``: its prompt just computed) are copied. ``False``
+        (nothing done) when snapshots are off, the request holds no KV, or the
+        copy was not made.
         """
         if (
             self.snapshots.capacity <= 0
@@ -340,9 +344,13 @@ class StreamingManagers:
         ):
             return False
         held = _cdiv(len(tokens), self.sinks.block_size)
-        taken = [m.pop_snapshot_blocks(request_id, held) for m in self.groups]
+        if running:
+            taken = [(tuple(m.req_to_blocks[request_id][:held]), m.progress(request_id))
+                     for m in self.groups]  # fmt: skip
+        else:
+            taken = [m.pop_snapshot_blocks(request_id, held) for m in self.groups]
         resumable_from = max(progress.since for _, progress in taken)
-        self.snapshots.keep(
+        return self.snapshots.keep(
             request_id,
             tokens,
             request_salt,
@@ -350,8 +358,8 @@ class StreamingManagers:
             freed_until=tuple(progress.freed_until for _, progress in taken),
             resumable_from=resumable_from,
             shift=self.sinks.policy.position_shift(resumable_from),
+            copy=running,
         )
-        return True
 
     @property
     def has_streams(self) -> bool:

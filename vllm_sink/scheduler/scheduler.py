@@ -32,11 +32,13 @@ from vllm_sink.scheduler.snapshot_directory import open_snapshot_directory
 from vllm_sink.scheduler.snapshot_keeper import TierSizes
 from vllm_sink.scheduler.vllm_scheduler import (
     attach_snapshot_ops,
+    computed_prompt,
     computed_tokens,
     kv_bytes_per_block,
     mark_resumed,
     request_salt,
     resumable,
+    running_requests,
     single_type_managers,
     sink_key_bytes,
 )
@@ -60,6 +62,8 @@ class StreamingSchedulerMixin:
         self.tier_hits: Counter[str] = Counter()
         """Resumes, by the tier their snapshot was found in."""
         self._resumed_from_tier: dict[str, str] = {}
+        self._prompts_kept: set[str] = set()
+        """Running requests whose computed prompt has been kept (:meth:`_keep_computed_prompts`)."""
         self._board: StreamingBoard | None = None
         self._published_at = 0.0
         if self.log_stats:
@@ -100,8 +104,28 @@ class StreamingSchedulerMixin:
                 self.streaming.snapshots.tier_figures()["disk"][0],
             )
 
+    def _keep_computed_prompts(self) -> None:
+        """A snapshot of each prompt just computed, copied before the request goes on.
+
+        A client sends a reply back as text, and a reply may come back as other
+        tokens (merged or split differently, special tokens dropped): the next
+        turn then parts from the reply's snapshot, at worst before its last
+        eviction, where that snapshot cannot resume it. It resumes this one,
+        and a regenerated answer resumes it with one token left to compute.
+        Before vLLM's schedule, which frees what the step evicts.
+        """
+        for request in running_requests(self):
+            request_id = request.request_id
+            if computed_prompt(request) and request_id not in self._prompts_kept:
+                self._prompts_kept.add(request_id)
+                if resumable(request):
+                    self.streaming.keep_snapshot(
+                        request_id, computed_tokens(request), request_salt(request), running=True
+                    )
+
     def _free_request_blocks(self, request) -> None:
         self._resumed_from_tier.pop(request.request_id, None)
+        self._prompts_kept.discard(request.request_id)
         if (
             request.is_finished()
             and resumable(request)
@@ -138,6 +162,7 @@ class StreamingSchedulerMixin:
 
     def schedule(self, *args, **kwargs):
         self.streaming.snapshots.maybe_scan()
+        self._keep_computed_prompts()
         output = super().schedule(*args, **kwargs)
         attach_snapshot_ops(output, self.streaming.snapshots.take_ops())
         for new in output.scheduled_new_reqs:
@@ -148,7 +173,15 @@ class StreamingSchedulerMixin:
                 self.snapshot_hits += 1
                 self.tier_hits[tier] += 1
                 self.snapshot_tokens_skipped += new.num_computed_tokens
-            # else: a streaming-input session's next input, its own cache kept
+            else:
+                continue  # a streaming-input session's next input, its own cache kept
+            logger.debug(
+                "vllm-sink: request %s: %d prompt tokens, %d resumed from a snapshot (%s)",
+                new.req_id,
+                len(new.prompt_token_ids or ()),
+                new.num_computed_tokens,
+                tier or "none",
+            )
         return output
 
     # ------------------------------------------------------------------ metrics

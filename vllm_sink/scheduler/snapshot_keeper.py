@@ -144,17 +144,27 @@ class SnapshotKeeper:
         freed_until: tuple[int, ...],
         resumable_from: int,
         shift: int,
-    ) -> None:
-        """Keep a finished request's ``rows`` (whose references it hands over) as a snapshot."""
+        copy: bool = False,
+    ) -> bool:
+        """Keep ``rows`` as the snapshot of ``tokens``: a finished request's, whose references
+        it hands over, or (``copy``) a running request's, copied into fresh blocks.
+
+        A copy is not made if the snapshot exists already or the pool has no room for it.
+        """
         snapshot = self.index.make(tokens, request_salt, resumable_from, shift, freed_until)
         replaced = self.index.get(snapshot.key)
-        if replaced is not None:
+        if copy:
+            if replaced is not None or self.block_pool.get_num_free_blocks() < len(_live(rows)):
+                return False
+            rows = tuple(tuple(self.copy_row(row)) for row in rows)
+        elif replaced is not None:
             self._forget(replaced, remove_files=False)
         self.index.add(snapshot)
         self._ops.append(KeepStream(request_id, snapshot.snapshot_id))
         if self.disk is not None:
             self._save(snapshot, _live(rows))
         self._into_pool(snapshot, rows)
+        return True
 
     def _into_pool(self, snapshot: Snapshot, rows: tuple[Row, ...]) -> None:
         """``rows`` (referenced by the caller) become the pool copy of ``snapshot``."""

@@ -55,6 +55,15 @@ def computed_tokens(request: Any) -> list[int]:
     return request.all_token_ids[: request.num_computed_tokens]
 
 
+def running_requests(scheduler: Any) -> list[Any]:
+    return list(scheduler.running)
+
+
+def computed_prompt(request: Any) -> bool:
+    """Whether the request's prompt is computed, and nothing after it."""
+    return request.num_computed_tokens == request.num_prompt_tokens > 0
+
+
 def resumable(request: Any) -> bool:
     """Whether the request's KV is a function of its token ids (no images or embeddings)."""
     return not request.mm_features and request.prompt_embeds is None

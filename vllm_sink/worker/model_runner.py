@@ -272,7 +272,7 @@ class StreamingModelRunnerMixin:
             if stream is not None:
                 self._snapshots.finished(req_id, stream)
         # Before anything reads or writes the blocks these ops copy.
-        self._snapshots.apply(runner_api.snapshot_ops(scheduler_output))
+        self._snapshots.apply(runner_api.snapshot_ops(scheduler_output), streams)
         self._publish_snapshot_figures()
         resumed: list[tuple[str, runner_api.Rows, int]] = []
         for new_req in scheduler_output.scheduled_new_reqs:

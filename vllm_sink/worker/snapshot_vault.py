@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -59,11 +59,14 @@ class SnapshotVault:
     def finished(self, request_id: str, stream: StreamState) -> None:
         self._finished[request_id] = stream
 
-    def apply(self, ops: Iterable[SnapshotOp]) -> None:
-        """Carry out a step's ops, in order; streams that ended and were not kept go."""
+    def apply(self, ops: Iterable[SnapshotOp], running: Mapping[str, StreamState]) -> None:
+        """Carry out a step's ops, in order; streams that ended and were not kept go.
+
+        ``running``: the streams still running (a snapshot of one's computed prompt).
+        """
         for op in ops:
             if isinstance(op, KeepStream):
-                stream = self._finished.get(op.request_id)
+                stream = self._finished.get(op.request_id) or running.get(op.request_id)
                 self._sink_keys[op.snapshot_id] = None if stream is None else stream.first_sink_keys
             elif isinstance(op, CopyBlocks):
                 self.pages.copy(op.src, op.dst)
