@@ -16,7 +16,8 @@ against each system:
 Per turn: time to first token (streamed), prompt tokens, and the prompt tokens
 served from cache (``usage.prompt_tokens_details.cached_tokens``, with
 ``--enable-prompt-tokens-details``: a snapshot hit, or vLLM's prefix cache), from
-which a turn counts as resumed. ``/metrics`` is sampled for KV cache and
+which a turn counts as resumed (the cache held its history before its last message,
+give or take a block). ``/metrics`` is sampled for KV cache and
 snapshot memory. guidellm cannot regenerate, edit or restart, hence this
 harness; ``benchmarks/guidellm_chat.py`` runs guidellm's own multi-turn chat.
 Writes ``results/<name>.json`` and ``results/<name>.png``.
@@ -41,7 +42,7 @@ from common import MODEL, RESULTS, save_result
 
 from vllm_sink_dev.serve import metric_samples, vllm_serve
 
-STREAMING = ["--streaming-sinks", "4", "--streaming-window", "508"]
+STREAMING = ["--streaming-sinks", "4", "--streaming-window", "1020"]
 COMMON = ["--max-num-batched-tokens", "512", "--enable-prompt-tokens-details",
           "--max-num-seqs", "8"]  # fmt: skip
 QUESTIONS = [
@@ -67,9 +68,13 @@ class Turn:
     total_s: float = 0.0
     error: str = ""
 
-    @property
-    def resumed(self) -> bool:
-        return self.cached_tokens > 0
+    def resumed(self, new_tokens: int) -> bool:
+        """Whether the cache held the history before the turn's last message.
+
+        ``new_tokens``: the most a turn's last message takes, plus a block (vLLM's
+        prefix cache reuses whole blocks); more than a chat template's opening.
+        """
+        return self.cached_tokens > 64 and self.cached_tokens >= self.prompt_tokens - new_tokens
 
 
 @dataclass
@@ -250,7 +255,8 @@ async def run_system(name: str, flags: list[str], env: dict, args, passages, log
         sampler.cancel()
     finally:
         service.stop()
-    return {"turns": [asdict(t) | {"resumed": t.resumed} for t in turns],
+    new_tokens = args.passage_tokens + 40 + 128
+    return {"turns": [asdict(t) | {"resumed": t.resumed(new_tokens)} for t in turns],
             "memory": service.memory, "wall_s": time.perf_counter() - started}  # fmt: skip
 
 
@@ -344,14 +350,14 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.partition("\n\n")[0])
     parser.add_argument("--systems", nargs="+", default=["tiers", "today", "vllm"])
-    parser.add_argument("--conversations", type=int, default=16)
+    parser.add_argument("--conversations", type=int, default=24)
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--passage-tokens", type=int, default=180)
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--think-s", type=float, default=2.0)
     parser.add_argument("--stagger-s", type=float, default=60.0)
     parser.add_argument("--concurrency", type=int, default=3)
-    parser.add_argument("--kv-gib", type=float, default=0.5)
+    parser.add_argument("--kv-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE")
     parser.add_argument("--host-gib", type=float, default=1.0)
     parser.add_argument("--no-restart", dest="restart", action="store_false")
     parser.add_argument(
