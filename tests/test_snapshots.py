@@ -57,6 +57,21 @@ def expected_logprobs(ref, tokens, steps, generated_from: int) -> torch.Tensor:
     )
 
 
+def assert_second_turns_continue_their_first(
+    ref, firsts, outs, seconds, outs2, log, first_log=None
+) -> None:
+    """Each second turn (``x2``) resumed its first turn's (``x1``) stream where that ended,
+    and every token matches one uninterrupted stream over both turns."""
+    first_log = first_log or log
+    for req_id, prompt in seconds.items():
+        first = req_id[0] + "1"
+        assert log.of(req_id)[0][0] == len(firsts[first]) + len(outs[first][0]) - 1, req_id
+        generated, got = outs2[req_id]
+        steps = first_log.of(first) + log.of(req_id)
+        expected = expected_logprobs(ref, prompt + generated, steps, len(prompt))
+        assert (torch.tensor(got) - expected).abs().max() < FP32_TOLERANCE, req_id
+
+
 @pytest.fixture
 def engine(tiny_model, engine_factory):
     llm = tiny_streaming_engine(engine_factory, tiny_model, SINKS, WINDOW, BLOCK, CHUNK)
@@ -158,13 +173,7 @@ def test_conversations_sharing_an_opening_each_resume_their_own(engine, tiny_mod
     }
     outs2 = run(engine, seconds, 60)
     ref = StreamingLlamaReference(tiny_model)
-    for req_id, prompt in seconds.items():
-        own_first = req_id[0] + "1"
-        assert log.of(req_id)[0][0] == len(firsts[own_first]) + len(outs[own_first][0]) - 1
-        generated, got = outs2[req_id]
-        steps = log.of(own_first) + log.of(req_id)
-        expected = expected_logprobs(ref, prompt + generated, steps, len(prompt))
-        assert (torch.tensor(got) - expected).abs().max() < FP32_TOLERANCE, req_id
+    assert_second_turns_continue_their_first(ref, firsts, outs, seconds, outs2, log)
 
 
 def test_preempted_or_aborted_resumed_requests_lose_nothing(engine, tiny_model):
@@ -274,13 +283,7 @@ def test_snapshots_the_pool_gives_up_resume_from_host_memory(tiny_model, engine_
     assert core.scheduler.tier_hits == {"pool": 1, "host": 1}  # b1 from the pool, a1 from host
 
     ref = StreamingLlamaReference(tiny_model)
-    for req_id, prompt in seconds.items():
-        first = req_id[0] + "1"
-        assert log.of(req_id)[0][0] == len(firsts[first]) + len(outs[first][0]) - 1
-        generated, got = outs2[req_id]
-        steps = log.of(first) + log.of(req_id)
-        expected = expected_logprobs(ref, prompt + generated, steps, len(prompt))
-        assert (torch.tensor(got) - expected).abs().max() < FP32_TOLERANCE, req_id
+    assert_second_turns_continue_their_first(ref, firsts, outs, seconds, outs2, log)
     vault = core.model_executor.driver_worker.worker.model_runner._snapshots
     assert 0 < vault.host_bytes <= host_bytes
 
@@ -318,7 +321,7 @@ def test_a_restarted_engine_resumes_its_conversations_from_disk(
     worker = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker
     assert worker.model_runner._snapshots.flush(timeout_s=60)
     del worker
-    assert len(list((tmp_path / "snapshots").rglob("*.snap"))) == 4  # and the prompts'
+    assert len(list((tmp_path / "snapshots").rglob("*.snap"))) == 2
     engine_factory.stop(llm)
     del llm
 
@@ -331,10 +334,5 @@ def test_a_restarted_engine_resumes_its_conversations_from_disk(
     assert core.scheduler.tier_hits == {"disk": 2}
     assert log.of("b2-other-tenant")[0][0] == 0  # another tenant's stream is not resumed
     ref = StreamingLlamaReference(tiny_model)
-    for req_id in ("a2", "b2"):
-        first = req_id[0] + "1"
-        assert log.of(req_id)[0][0] == len(firsts[first]) + len(outs[first][0]) - 1
-        prompt, (generated, got) = seconds[req_id], outs2[req_id]
-        steps = first_log.of(first) + log.of(req_id)
-        expected = expected_logprobs(ref, prompt + generated, steps, len(prompt))
-        assert (torch.tensor(got) - expected).abs().max() < FP32_TOLERANCE, req_id
+    tenants_own = {r: seconds[r] for r in ("a2", "b2")}
+    assert_second_turns_continue_their_first(ref, firsts, outs, tenants_own, outs2, log, first_log)

@@ -7,8 +7,10 @@
 * **Host.** What the pool gives up (a block handed out, or the count limit) is
   spilled to the worker's host memory within ``host_bytes``, least recently
   used out first.
-* **Disk.** Every snapshot is written to a file per rank as it is made (in the
-  background), within ``disk_bytes``, least recently used out first; other
+* **Disk.** Every finished request's snapshot is written to a file per rank as
+  it is made (in the background), within ``disk_bytes``, least recently used out
+  first (a prompt's snapshot, :meth:`SnapshotKeeper.keep` with ``copy``, stays
+  in memory: the reply's covers a restart); other
   engines sharing the directory (a restarted server, replicas) find it there
   (:mod:`vllm_sink.scheduler.snapshot_directory`).
 
@@ -161,7 +163,7 @@ class SnapshotKeeper:
             self._forget(replaced, remove_files=False)
         self.index.add(snapshot)
         self._ops.append(KeepStream(request_id, snapshot.snapshot_id))
-        if self.disk is not None:
+        if self.disk is not None and not copy:  # a prompt's snapshot serves in memory only
             self._save(snapshot, _live(rows))
         self._into_pool(snapshot, rows)
         return True

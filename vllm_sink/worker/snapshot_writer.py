@@ -2,7 +2,8 @@
 
 The worker copies a snapshot's pages to host memory before the step (they may
 be reused right after); this thread writes them out
-(:func:`vllm_sink.core.snapshot_file.write`). A full queue (a disk slower than
+(:func:`vllm_sink.core.snapshot_file.write`), at the lowest CPU priority, so that
+serving keeps the cores it computes on. A full queue (a disk slower than
 the snapshots come) or a failed write loses that file only, with a warning: a
 snapshot that is not on disk is one that is not resumed from there.
 """
@@ -10,6 +11,8 @@ snapshot that is not on disk is one that is not resumed from there.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import os
 import queue
 import threading
 import time
@@ -63,6 +66,8 @@ class SnapshotWriter:
         return done.wait(timeout_s)
 
     def _run(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):  # Linux: a thread's own priority
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         while True:
             job = self._jobs.get()
             if isinstance(job, threading.Event):
