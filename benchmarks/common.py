@@ -46,7 +46,10 @@ def thread_setting() -> str:
 
 
 def provenance() -> dict[str, str]:
-    """What a figure was measured with: commit, command, machine and vLLM CPU threads."""
+    """What a figure was measured with: commit, command, machine, vLLM CPU threads, versions."""
+    import torch
+    import vllm
+
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
     ).stdout.strip()
@@ -62,6 +65,8 @@ def provenance() -> dict[str, str]:
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {memory_gib:.0f} GiB",
         "threads": thread_setting(),
+        "vllm": vllm.__version__,
+        "torch": torch.__version__,
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,9 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 import pytest  # noqa: E402
+
+# The shared checks' asserts report their operands, as the tests' own do.
+pytest.register_assert_rewrite("vllm_sink_dev")
 
 from vllm_sink_dev.engines import shutdown  # noqa: E402
 from vllm_sink_dev.paths import GEMMA3, SMOLLM2, TEXT  # noqa: E402
@@ -85,3 +89,25 @@ def engine_factory() -> Iterator:
     yield make
     while started:  # popped first: nothing here keeps the engine's memory alive
         shutdown(started.pop())
+    gc.collect()  # what shutdown's caller held while it ran
+
+
+ENGINE_TIER = pytest.StashKey[bool]()
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests without an engine run first: a failure among them ends the run before the
+    engine tier's half hour (:func:`pytest_runtest_protocol`)."""
+    items.sort(key=lambda item: item.get_closest_marker("engine") is not None)  # stable
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item, nextitem) -> bool | None:
+    session = item.session
+    if item.get_closest_marker("engine") is None or item.config.stash.get(ENGINE_TIER, False):
+        return None
+    item.config.stash[ENGINE_TIER] = True  # the first engine test: the fast tier is done
+    if session.testsfailed:
+        session.shouldstop = f"{session.testsfailed} fast test(s) failed: engine tests not run"
+        return True  # not run; the run stops here
+    return None

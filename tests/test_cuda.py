@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_helpers import random_prompt, streaming, tiny_streaming_engine
-from test_engine_streaming import (
+
+from vllm_sink_dev.engines import random_prompt, streaming, tiny_streaming_engine
+from vllm_sink_dev.stream_checks import (
     SMOLLM2_STREAM,
     assert_smollm2_streams_like_the_reference,
     assert_streams_like_the_reference,

@@ -15,9 +15,9 @@ import sys
 import textwrap
 
 import pytest
-from engine_helpers import random_prompt, tiny_streaming_engine
 from vllm import SamplingParams
 
+from vllm_sink_dev.engines import random_prompt, tiny_streaming_engine
 from vllm_sink_dev.tiny_llama import TINY_MAX_POSITIONS
 
 pytestmark = pytest.mark.engine

@@ -16,10 +16,10 @@ import shutil
 
 import pytest
 import torch
-from engine_helpers import random_prompt, streaming, tiny_streaming_engine
 from vllm import SamplingParams
 from vllm.sampling_params import RequestOutputKind
 
+from vllm_sink_dev.engines import random_prompt, streaming, tiny_streaming_engine
 from vllm_sink_dev.reference import StreamingLlamaReference, window_starts
 
 pytestmark = pytest.mark.engine

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_helpers import FP32_TOLERANCE, random_prompt, tiny_streaming_engine
 from vllm import SamplingParams
 
 from vllm_sink.core.policy import SinkWindowPolicy
 from vllm_sink.scheduler.kv_cache import StreamingSinkManager, StreamingSlidingManager
+from vllm_sink_dev.engines import FP32_TOLERANCE, random_prompt, tiny_streaming_engine
 from vllm_sink_dev.families import GEMMA3_TINY_SLIDING_WINDOW, build_tiny
 from vllm_sink_dev.reference import StreamingLlamaReference
 from vllm_sink_dev.schedule_log import ScheduleLog

@@ -16,22 +16,22 @@ import functools
 
 import pytest
 import torch
-from engine_helpers import (
+
+from vllm_sink_dev.engines import (
     FP32_TOLERANCE,
     kv_manager,
     random_prompt,
     streaming,
     tiny_streaming_engine,
 )
-from test_engine_streaming import (
+from vllm_sink_dev.families import FAMILIES, build_tiny, rehost
+from vllm_sink_dev.reference import StreamingLlamaReference
+from vllm_sink_dev.stream_checks import (
     assert_streams_like_the_reference,
     rebase_period,
     reference_logprobs,
     run,
 )
-
-from vllm_sink_dev.families import FAMILIES, build_tiny, rehost
-from vllm_sink_dev.reference import StreamingLlamaReference
 from vllm_sink_dev.tiny_llama import build_tiny_llama
 
 pytestmark = pytest.mark.engine

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_helpers import random_prompt, tiny_streaming_engine
-from test_engine_streaming import assert_streams_like_the_reference, reference_logprobs
+
+from vllm_sink_dev.engines import random_prompt, tiny_streaming_engine
+from vllm_sink_dev.stream_checks import assert_streams_like_the_reference, reference_logprobs
 
 pytestmark = pytest.mark.engine
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_helpers import FP32_TOLERANCE, kv_manager, random_prompt, tiny_streaming_engine
 from vllm import SamplingParams
 
+from vllm_sink_dev.engines import FP32_TOLERANCE, kv_manager, random_prompt, tiny_streaming_engine
 from vllm_sink_dev.reference import StreamingLlamaReference
 from vllm_sink_dev.schedule_log import ScheduleLog
 

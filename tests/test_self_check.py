@@ -12,18 +12,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_gpu_kv_layout import (
-    HEAD,
-    HEADS,
+
+from vllm_sink.core.rerotation import RopeDeltas
+from vllm_sink.worker.gpu_kv_layout import KernelBlockKV
+from vllm_sink.worker.self_check import CacheCheckError, check_eviction_in_cache
+from vllm_sink_dev.eviction_checks import HEAD, HEADS
+from vllm_sink_dev.kv_layouts import (
     allocate_layers,
     assumed_nhd_keys,
     backend,
     flash_attention_slots,
 )
-
-from vllm_sink.core.rerotation import RopeDeltas
-from vllm_sink.worker.gpu_kv_layout import KernelBlockKV
-from vllm_sink.worker.self_check import CacheCheckError, check_eviction_in_cache
 
 BLOCK = 16
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import requests
 
+from vllm_sink_dev.paths import REPO
 from vllm_sink_dev.reference import evicted_tokens
 from vllm_sink_dev.serve import vllm_serve
 
@@ -29,6 +32,24 @@ def test_startup_logs_the_streaming_settings(server):
     assert "block size 128, at most 18 KV blocks per stream" in log
     assert "KV memory per stream at most 101.2 MiB (18 blocks in 1 KV cache group(s))" in log
     assert "full-size streams at once" in log
+    # vLLM's warning that positions past the context "lead to nan" is answered instead.
+    assert "lead to nan" not in log
+    assert "vllm-sink: max_model_len 1099511627776 is how long a stream may grow" in log
+
+
+def test_the_readme_shows_the_startup_lines_as_logged(server):
+    """The README's sample start-up lines, numbers aside (they follow the flags), are lines
+    this server logged."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("checks this wording against a server's log):\n\n```\n", 1)[1]
+    samples = block.split("```", 1)[0].strip().splitlines()
+    assert len(samples) == 3
+    log = server.log.read_text()
+    for sample in samples:
+        pattern = r"\d+(?:\.\d+)?".join(
+            re.escape(part) for part in re.split(r"\d+(?:\.\d+)?", sample)
+        )
+        assert re.search(pattern, log), f"not in the log, numbers aside: {sample}"
 
 
 def test_completion_longer_than_the_context(server, handbook_tokens):

@@ -14,10 +14,10 @@ import asyncio
 
 import pytest
 import torch
-from engine_helpers import FP32_TOLERANCE, random_prompt, streaming
 from vllm import SamplingParams
 from vllm.sampling_params import RequestOutputKind
 
+from vllm_sink_dev.engines import FP32_TOLERANCE, random_prompt, streaming
 from vllm_sink_dev.reference import StreamingLlamaReference, window_starts_of_steps
 
 pytestmark = pytest.mark.engine

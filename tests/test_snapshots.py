@@ -7,11 +7,16 @@ uninterrupted stream over the same tokens, with the same steps, would see.
 
 from __future__ import annotations
 
+import gc
+import logging
+import threading
+import weakref
+
 import pytest
 import torch
-from engine_helpers import FP32_TOLERANCE, random_prompt, tiny_streaming_engine
 from vllm import SamplingParams
 
+from vllm_sink_dev.engines import FP32_TOLERANCE, random_prompt, tiny_streaming_engine
 from vllm_sink_dev.families import GEMMA3_TINY_SLIDING_WINDOW
 from vllm_sink_dev.reference import (
     StreamingLlamaReference,
@@ -336,3 +341,33 @@ def test_a_restarted_engine_resumes_its_conversations_from_disk(
     ref = StreamingLlamaReference(tiny_model)
     tenants_own = {r: seconds[r] for r in ("a2", "b2")}
     assert_second_turns_continue_their_first(ref, firsts, outs, tenants_own, outs2, log, first_log)
+
+
+def test_an_engine_stopped_in_a_running_process_frees_its_snapshot_writer(
+    tiny_llama, engine_factory, tmp_path
+):
+    """The offline ``LLM`` stopped while its process goes on (a notebook, a Ray task): the
+    background writer of snapshot files must not keep the worker, and so its KV pool, alive."""
+    before = set(threading.enumerate())
+    llm = tiny_streaming_engine(
+        engine_factory, tiny_llama, SINKS, WINDOW, BLOCK, CHUNK,
+        settings={"streaming_snapshot_dir": str(tmp_path / "snapshots")},
+    )  # fmt: skip
+    for seed in (201, 202):  # the second call's step keeps the first's snapshot
+        llm.generate([{"prompt_token_ids": random_prompt(200, seed)}], greedy(4))
+    new_threads = set(threading.enumerate()) - before
+    (writer,) = (t for t in new_threads if t.name == "vllm-sink-writer")
+    assert list((tmp_path / "snapshots").rglob("*.snap"))
+    runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+    vault = weakref.ref(runner._snapshots)
+    del runner
+    engine_factory.stop(llm)
+    del llm
+    # pytest keeps the test's log records; vLLM's renderer warm-up logs the absent tokenizer
+    # (skip_tokenizer_init) with its traceback, whose frames hold the engine.
+    for handler in logging.getLogger().handlers:
+        for record in getattr(handler, "records", ()):
+            record.exc_info = None
+    gc.collect()
+    writer.join(timeout=10)
+    assert vault() is None and not writer.is_alive()

@@ -1,10 +1,10 @@
 """A short soak of `vllm serve` with streaming, then SIGTERM in the middle of a stream.
 
-The soak (``benchmarks/soak.py``, two minutes here instead of thirty) mixes
-long SSE streams, long prompts, chats, seeded and parallel sampling, clients
-that hang up during prefill or decode, and bad requests on SmolLM2 cut to a
-1,024-token context. Whatever the mix, once the server is idle no stream may
-hold a KV block. The last test stops the same server with SIGTERM while it
+The soak (``vllm_sink_dev/soak_driver.py``, as ``benchmarks/soak.py`` runs it, two
+minutes here instead of thirty) mixes long SSE streams, long prompts, chats, seeded and
+parallel sampling, clients that hang up during prefill or decode, and bad requests on
+SmolLM2 cut to a 1,024-token context. Whatever the mix, once the server is idle no
+stream may hold a KV block. The last test stops the same server with SIGTERM while it
 streams: the server must exit cleanly and leave no process and no
 shared-memory file behind.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,10 +22,8 @@ import psutil
 import pytest
 import requests
 
+from vllm_sink_dev import soak_driver as soak
 from vllm_sink_dev.serve import Server, server_process
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import soak  # noqa: E402
 
 pytestmark = pytest.mark.engine
 

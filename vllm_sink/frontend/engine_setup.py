@@ -20,6 +20,7 @@ says what to change, before any engine process starts.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
@@ -148,14 +149,35 @@ def long_streams_allowed() -> Iterator[None]:
     before = os.environ.get(key)
     os.environ[key] = "1"
     reread_vllm_envs()
+    answer = StreamLengthAnswer()
+    vllm_config_logger = logging.getLogger("vllm.config.model")
+    vllm_config_logger.addFilter(answer)
     try:
         yield
     finally:
+        vllm_config_logger.removeFilter(answer)
         if before is None:
             del os.environ[key]
         else:
             os.environ[key] = before
         reread_vllm_envs()
+
+
+class StreamLengthAnswer(logging.Filter):
+    """vLLM warns that a ``max_model_len`` past the model's context lets positions
+    "lead to nan": true of positions in the text, not of a stream's, which stay
+    within the cache. Its warning becomes this answer, at info level."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith(f"User-specified max_model_len ({UNLIMITED_STREAM_LEN})"):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg = (
+                "vllm-sink: max_model_len %d is how long a stream may grow; its RoPE positions "
+                "stay within the cache (its span is checked against the model's context below), "
+                "so vLLM's warning about positions past the context does not apply"
+            )
+            record.args = (UNLIMITED_STREAM_LEN,)
+        return True
 
 
 def reread_vllm_envs() -> None:

@@ -3,6 +3,10 @@
 * ``cpu_worker``, ``gpu_worker``: the workers vLLM starts (CPU; CUDA, experimental);
   ``streaming_worker``: what both add to vLLM's (the config they see, start-up checks);
 * ``model_runner``: evictions and each stream's compact view, around vLLM's V1 runner;
+  ``startup``: what it checks and builds once (KV specs, the model, the cache);
+  ``streams``: the streams it holds, and ``min_tokens`` over each whole stream;
+* ``snapshot_vault``, ``kv_pages``, ``snapshot_writer``: snapshots' blocks copied,
+  spilled to host memory and written to disk;
 * ``input_batch``, ``min_tokens``, ``seeded_sampling``: the runner's pieces that
   replace one piece of vLLM's behaviour each;
 * ``eviction``: carrying out an eviction in the paged cache, backend-independent;

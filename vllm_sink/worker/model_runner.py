@@ -19,98 +19,48 @@ length, and every per-request buffer stays as small as the cache:
   (:mod:`vllm_sink.worker.input_batch`); its rows are ``view_width`` tokens wide
   because the worker's config says so
   (:func:`~vllm_sink.worker.streaming_worker.worker_config`);
-* ``min_tokens`` is counted over the whole stream (:mod:`vllm_sink.worker.min_tokens`);
+* ``min_tokens`` is counted over the whole stream (:mod:`vllm_sink.worker.streams`);
 * a request may continue a finished stream (a snapshot, see :meth:`_resume`;
   the step's snapshot ops run first, :mod:`vllm_sink.worker.snapshot_vault`),
   and a streaming-input session (vLLM's ``StreamingInput``) is one stream
   across its inputs: its state stays here while it waits for the next one;
-* each full-attention layer's spec becomes a
-  :class:`~vllm_sink.scheduler.kv_cache.StreamingSinkSpec`, each sliding-window
-  layer's of a hybrid model a :class:`~vllm_sink.scheduler.kv_cache.StreamingSlidingSpec`:
-  a stream has one block row per KV cache group, all in the same compact layout.
+* at start-up, the KV specs, the model and the cache are checked and set up
+  (:mod:`vllm_sink.worker.startup`): a stream has one block row per KV cache
+  group, all in the same compact layout.
 
-Each stream's state is one :class:`~vllm_sink.core.stream_state.StreamState`;
-everything read or written in vLLM's runner, batch and request objects goes
-through :mod:`vllm_sink.worker.vllm_runner`.
+Each stream's state is one :class:`~vllm_sink.core.stream_state.StreamState`,
+held by :class:`~vllm_sink.worker.streams.WorkerStreams`; everything read or
+written in vLLM's runner, batch and request objects goes through
+:mod:`vllm_sink.worker.vllm_runner`, the one module a runner of another kind
+(vLLM's V2 runner) would replace.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from vllm.config import get_layers_from_vllm_config
-from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import Attention
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec, SlidingWindowSpec
+from vllm.v1.kv_cache_interface import KVCacheSpec
 
-from vllm_sink.config import StreamingConfigError, streaming_policy
+from vllm_sink.config import streaming_policy
 from vllm_sink.core.policy import SinkWindowPolicy
-from vllm_sink.core.rerotation import RopeDeltas
 from vllm_sink.core.stream_state import StreamState
-from vllm_sink.frontend.platforms import check_attention_backend
 from vllm_sink.metrics import StreamingBoard, engine_key, open_board
-from vllm_sink.scheduler.kv_cache import StreamingSinkSpec, StreamingSlidingSpec
+from vllm_sink.worker import startup
 from vllm_sink.worker import vllm_runner as runner_api
-from vllm_sink.worker.cpu_attn_layout import PagedKV, PageLayout
-from vllm_sink.worker.eviction import (
-    EvictionPlan,
-    LayerGroup,
-    apply_eviction_plan,
-    sink_keys_at_offset_zero,
-)
-from vllm_sink.worker.gpu_kv_layout import KernelBlockKV
+from vllm_sink.worker.eviction import EvictionPlan, apply_eviction_plan, sink_keys_at_offset_zero
 from vllm_sink.worker.input_batch import StreamingInputBatch
 from vllm_sink.worker.kv_pages import KVPages
 from vllm_sink.worker.min_tokens import StreamMinTokens
-from vllm_sink.worker.self_check import CacheCheckError, check_eviction_in_cache
 from vllm_sink.worker.snapshot_vault import SnapshotVault
+from vllm_sink.worker.streams import WorkerStreams
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
-
-logger = init_logger("vllm.vllm_sink")
-
-
-cpu_attn_layout = functools.cache(PageLayout.probe_cpu_attn)
-"""The CPU_ATTN page layout of one (block size, head size, dtype, ISA): probed once."""
-
-
-def layer_kv(layer: Attention, block_size: int) -> tuple[PagedKV | KernelBlockKV, ...]:
-    """A layer's keys and values, read and written as its attention backend lays them out."""
-    cache = layer.kv_cache
-    if layer.get_attn_backend().get_name() == "CPU_ATTN":
-        layout = cpu_attn_layout(block_size, layer.head_size, cache.dtype, layer.isa)
-        return PagedKV.keys_of(cache, layout), PagedKV.values_of(cache, layout)
-    return (
-        KernelBlockKV.keys_of(cache, layer.head_size, block_size),
-        KernelBlockKV.values_of(cache, layer.head_size, block_size),
-    )
-
-
-def find_rotary_modules(
-    model: torch.nn.Module, layer_names: set[str]
-) -> dict[str, torch.nn.Module]:
-    """Map each attention layer to the rotary module its parent applies to K.
-
-    vLLM's decoder layers keep ``rotary_emb`` next to ``attn`` on the same
-    attention module (Llama, Mistral, Qwen2, ...); that is what we look for.
-    """
-    found: dict[str, torch.nn.Module] = {}
-    for module in model.modules():
-        attn, rotary = getattr(module, "attn", None), getattr(module, "rotary_emb", None)
-        if isinstance(attn, Attention) and rotary is not None:
-            found[attn.layer_name] = rotary
-    missing = sorted(layer_names - found.keys())
-    if missing:
-        raise StreamingConfigError(
-            f"vllm-sink needs a RoPE model whose attention modules keep `rotary_emb` "
-            f"next to `attn`; found no rotary embedding for {missing[:3]}"
-        )
-    return found
 
 
 class StreamingModelRunnerMixin:
@@ -122,86 +72,24 @@ class StreamingModelRunnerMixin:
         return streaming_policy(self.vllm_config)
 
     def get_kv_cache_spec(self) -> dict[str, KVCacheSpec]:
-        """Every layer streams under one policy.
-
-        A sliding-window layer (Gemma 3's local layers) attends only its own
-        window: its attention masks by distance within the stream's view,
-        where the window's tokens are contiguous. The streaming window must
-        hold that whole window (checked at start-up), so the sinks stay out of
-        it. Beside full-attention layers, sliding-window layers get their own
-        KV cache groups, which hold only that window (vLLM's hybrid KV cache
-        manager); where that manager is off, or full-attention layers
-        outnumber them (vLLM would split the full-attention layers over
-        several groups), they are kept like full-attention layers.
-        """
-        specs = super().get_kv_cache_spec()
-        policy = self.sink_policy
-        windows = {name: getattr(spec, "sliding_window", None) for name, spec in specs.items()}
-        num_sliding = sum(window is not None for window in windows.values())
-        hybrid = (
-            not self.vllm_config.scheduler_config.disable_hybrid_kv_cache_manager
-            and 0 < len(specs) - num_sliding <= num_sliding
-        )
-        converted: dict[str, KVCacheSpec] = {}
-        for name, spec in specs.items():
-            window = windows[name]
-            supported = (
-                type(spec) in (FullAttentionSpec, SlidingWindowSpec)
-                and not getattr(spec, "attention_chunk_size", None)
-                and (window is None or window <= policy.window)
-            )
-            if not supported:
-                raise StreamingConfigError(
-                    f"vllm-sink streams full-attention layers and sliding-window layers whose "
-                    f"window fits the streaming window ({policy.window}); layer {name} has "
-                    f"{type(spec).__name__}"
-                    + (f" with sliding_window={window}" if window is not None else "")
-                )
-            if hybrid and isinstance(spec, SlidingWindowSpec):
-                converted[name] = StreamingSlidingSpec.from_attention(spec, policy)
-            else:
-                converted[name] = StreamingSinkSpec.from_attention(spec, policy)
-        return converted
+        hybrid = not self.vllm_config.scheduler_config.disable_hybrid_kv_cache_manager
+        return startup.streaming_specs(super().get_kv_cache_spec(), self.sink_policy, hybrid)
 
     def check_room_for_a_stream(self, available_bytes: int) -> None:
-        """Refuse a KV cache that cannot hold one whole stream, saying what to change.
-
-        vLLM's own check asks for room for ``max_model_len`` tokens and, short of
-        it, says to lower ``max_model_len``: for streams that is the length
-        limit, not what the cache holds.
-        """
         specs = self.get_kv_cache_spec()
         needed = sum(spec.max_memory_usage_bytes(self.vllm_config) for spec in specs.values())
-        if needed <= available_bytes:
-            return
-        policy = self.sink_policy
-        more_memory = (
-            "VLLM_CPU_KVCACHE_SPACE" if self.device.type == "cpu" else "--gpu-memory-utilization"
-        )
-        raise StreamingConfigError(
-            f"vllm-sink: one stream needs {needed / 2**20:.1f} MiB of KV cache ({policy.sinks} "
-            f"sinks + a {policy.window}-token window, a block to decode into and a "
-            f"{policy.max_chunk_tokens}-token prefill chunk, in {len(specs)} layers), and the "
-            f"KV cache has {available_bytes / 2**20:.1f} MiB: raise {more_memory} or "
-            "--kv-cache-memory-bytes, or lower --streaming-window or --max-num-batched-tokens"
+        startup.check_room_for_a_stream(
+            needed, available_bytes, self.sink_policy, len(specs), self.device.type
         )
 
     def load_model(self, *args, **kwargs) -> None:
         super().load_model(*args, **kwargs)
         layers = get_layers_from_vllm_config(self.vllm_config, Attention)
-        for name, layer in layers.items():
-            check_attention_backend(self.device.type, layer.get_attn_backend().get_name(), name)
-            if layer.impl.alibi_slopes is not None:
-                raise StreamingConfigError("vllm-sink does not support ALiBi models yet")
-        rotary = find_rotary_modules(self.get_model(), set(layers))
-        self._rotary_modules = rotary
-        deltas = {id(m): RopeDeltas.from_rotary_module(m).to(self.device) for m in rotary.values()}
-        self._streaming_ropes = {name: deltas[id(m)] for name, m in rotary.items()}
-        rope_positions = min(len(d.cos) for d in deltas.values())
+        self._rotary_modules = startup.check_model(layers, self.get_model(), self.device.type)
+        self._streaming_ropes = startup.rope_tables(self._rotary_modules, self.device)
+        rope_positions = min(len(d.cos) for d in self._streaming_ropes.values())
         self._rebase_period_blocks = self.sink_policy.rebase_period_blocks(rope_positions)
-        self._streams: dict[str, StreamState] = {}
-        self._awaiting_min_tokens: set[str] = set()
-        """Streams whose ``min_tokens`` is not reached yet."""
+        self._streams = WorkerStreams(self.sink_policy.sinks)
 
     def initialize_kv_cache(self, kv_cache_config, *args, **kwargs) -> None:
         super().initialize_kv_cache(kv_cache_config, *args, **kwargs)
@@ -212,83 +100,43 @@ class StreamingModelRunnerMixin:
                 f"vllm-sink: the worker's token rows are {width} wide, not the cache's "
                 f"{policy.view_width}: the runner was not built by a streaming worker"
             )
-        runner_api.adopt_input_batch(
-            self, StreamingInputBatch, streams=self._streams, sinks=policy.sinks
-        )
-        runner_api.add_logits_processor(self, StreamMinTokens(self._rows_below_min_tokens))
         self._snapshots = SnapshotVault(
             KVPages(runner_api.kv_caches(self), kv_cache_config.num_blocks),
             rank=runner_api.tensor_parallel_rank(),
+        )
+        runner_api.adopt_input_batch(
+            self, StreamingInputBatch, streams=self._streams.by_id, sinks=policy.sinks
+        )
+        runner_api.add_logits_processor(
+            self, StreamMinTokens(lambda: self._streams.rows_below_min_tokens(self._row_of))
         )
         self._figures_board: StreamingBoard | None | bool = False
         """Where the worker's snapshot figures go (``False``: not looked for yet)."""
         self._published_figures: dict[str, int] = {}
         layers = get_layers_from_vllm_config(self.vllm_config, Attention)
-        self._layer_groups: list[LayerGroup] = []
-        for group in kv_cache_config.kv_cache_groups:
-            spec = group.kv_cache_spec
-            kv = [
-                (*layer_kv(layers[name], spec.block_size), self._streaming_ropes[name])
-                for name in group.layer_names
-            ]
-            sliding = spec.sliding_window if isinstance(spec, StreamingSlidingSpec) else None
-            self._layer_groups.append(LayerGroup(kv, sliding))
-            name = group.layer_names[0]
-            try:  # any block: none holds a stream yet
-                check_eviction_in_cache(
-                    layers[name], self._rotary_modules[name], *kv[0], 1, spec.block_size
-                )
-            except CacheCheckError as error:
-                raise StreamingConfigError(
-                    f"vllm-sink's start-up check of layer {name}'s KV cache "
-                    f"({layers[name].get_attn_backend().get_name()}) failed: {error}; "
-                    "streaming would give wrong text with this backend or model"
-                ) from error
+        self._layer_groups = startup.layer_groups(
+            kv_cache_config, layers, self._streaming_ropes, self._rotary_modules
+        )
         (self._sink_group,) = (
             i for i, group in enumerate(self._layer_groups) if group.sliding_window is None
         )
-        blocks = [group.max_resident_blocks(policy) for group in self._layer_groups]
-        page_bytes = kv_cache_config.kv_cache_groups[0].kv_cache_spec.page_size_bytes
-        per_stream = sum(
-            n * page_bytes * len(group.layers) for n, group in zip(blocks, self._layer_groups)
-        )
-        logger.info(
-            "vllm-sink: KV memory per stream at most %.1f MiB (%d blocks in %d KV cache "
-            "group(s)); the pool of %d blocks holds %d full-size streams at once; a stream's "
-            "window keys are re-rotated once every %d evictions",
-            per_stream / 2**20,
-            sum(blocks),
-            len(blocks),
-            kv_cache_config.num_blocks,
-            (kv_cache_config.num_blocks - 1) // sum(blocks),
-            self._rebase_period_blocks,
+        startup.log_kv_memory(
+            kv_cache_config, self._layer_groups, policy, self._rebase_period_blocks
         )
 
     # -------------------------------------------------------------- every step
     def _update_states(self, scheduler_output: SchedulerOutput):
         streams = self._streams
-        for req_id in scheduler_output.finished_req_ids:
-            stream = streams.pop(req_id, None)
-            if stream is not None:
-                self._snapshots.finished(req_id, stream)
+        for req_id, stream in streams.finish(scheduler_output.finished_req_ids):
+            self._snapshots.finished(req_id, stream)
         # Before anything reads or writes the blocks these ops copy.
-        self._snapshots.apply(runner_api.snapshot_ops(scheduler_output), streams)
+        self._snapshots.apply(runner_api.snapshot_ops(scheduler_output), streams.by_id)
         self._publish_snapshot_figures()
         resumed: list[tuple[str, runner_api.Rows, int]] = []
         for new_req in scheduler_output.scheduled_new_reqs:
             assert new_req.prompt_token_ids is not None, "streams take token prompts"
             req_id, prompt_len = new_req.req_id, len(new_req.prompt_token_ids)
-            stream = streams.get(req_id)
-            session = stream is not None  # a streaming-input session's next input
-            if session:
-                stream.next_input(prompt_len)
-            else:
-                stream = streams[req_id] = StreamState(prompt_len)
-            params = new_req.sampling_params
-            if params is not None and params.min_tokens:
-                stream.min_tokens = params.min_tokens
-                stream.stop_token_ids = params.all_stop_token_ids
-                self._awaiting_min_tokens.add(req_id)
+            stream, session = streams.admit(req_id, prompt_len, new_req.sampling_params)
             source = None if session else runner_api.resumed_from(new_req)
             if session or source is not None:
                 rows = runner_api.new_block_rows(new_req)
@@ -306,7 +154,7 @@ class StreamingModelRunnerMixin:
             runner_api.project_prompt_count(
                 self, req_id, streams[req_id].view(self.sink_policy.sinks)
             )
-        runner_api.project_computed_counts(self, streams)
+        runner_api.project_computed_counts(self, streams.by_id)
         if moved:
             # Penalties read prompt tokens from the rows that moved.
             runner_api.refresh_penalty_inputs(self)
@@ -423,21 +271,9 @@ class StreamingModelRunnerMixin:
         self._streams[req_id].restart(len(history))
         runner_api.restart_request(self, req_id, history)
 
-    def _rows_below_min_tokens(self) -> list[tuple[int, Collection[int]]]:
-        """Batch rows whose stop tokens stay masked, with those tokens."""
-        rows = []
-        for req_id in list(self._awaiting_min_tokens):
-            stream = self._streams.get(req_id)
-            if stream is None:
-                self._awaiting_min_tokens.discard(req_id)
-                continue
-            i = runner_api.batch_row(self, req_id)
-            if i is None:
-                continue
-            kept = len(runner_api.request_state(self, req_id).output_token_ids)
-            if kept + stream.view(self.sink_policy.sinks).dropped_outputs < stream.min_tokens:
-                rows.append((i, stream.stop_token_ids))
-            else:
-                stream.min_tokens = 0
-                self._awaiting_min_tokens.discard(req_id)
-        return rows
+    def _row_of(self, req_id: str) -> tuple[int, int] | None:
+        """A request's batch row and how many outputs vLLM kept for it."""
+        row = runner_api.batch_row(self, req_id)
+        if row is None:
+            return None
+        return row, len(runner_api.request_state(self, req_id).output_token_ids)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -96,6 +97,7 @@ class SnapshotVault:
         """Hand the snapshot's pages (read now: the blocks may be reused) to the writer."""
         if self._writer is None:
             self._writer = SnapshotWriter(self._written)
+            weakref.finalize(self, self._writer.close)
         sink_keys = self._sink_keys.get(op.snapshot_id)
         sink_keys = None if sink_keys is None else sink_keys.to("cpu")
         pages = self.pages.read(op.blocks)

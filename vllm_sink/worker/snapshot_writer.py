@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import inspect
 import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,15 +32,25 @@ logger = init_logger("vllm.vllm_sink")
 MAX_PENDING = 16
 """Files waiting to be written, at most; more are dropped (their pages are held in memory)."""
 EXIT_FLUSH_S = 30.0
+_STOP = object()
 
 
 class SnapshotWriter:
-    """One background thread writing snapshot files, in the order given."""
+    """One background thread writing snapshot files, in the order given.
+
+    The thread holds the owner of ``on_written`` (a bound method) weakly: an engine shut down in a
+    process that goes on (the offline ``LLM``) frees its KV pool; :meth:`close`
+    ends the thread once what was queued is written.
+    """
 
     def __init__(self, on_written: Callable[[int, float], None] | None = None) -> None:
         self._jobs: queue.Queue = queue.Queue()
-        self._on_written = on_written
-        """Called with each file's size and the seconds its writing took."""
+        self._on_written: Callable[[], Callable[[int, float], None] | None] | None = None
+        """Gives what is called with each file's size and the seconds its writing took."""
+        if inspect.ismethod(on_written):
+            self._on_written = weakref.WeakMethod(on_written)
+        elif on_written is not None:
+            self._on_written = lambda: on_written
         self.failures = 0
         self._warned: set[str] = set()
         self._thread = threading.Thread(target=self._run, name="vllm-sink-writer", daemon=True)
@@ -65,29 +77,43 @@ class SnapshotWriter:
         self._jobs.put(done)
         return done.wait(timeout_s)
 
+    def close(self) -> None:
+        """Write what is queued, then end the thread (without waiting for it)."""
+        atexit.unregister(self.flush)
+        self._jobs.put(_STOP)
+
     def _run(self) -> None:
         with contextlib.suppress(OSError, AttributeError):  # Linux: a thread's own priority
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         while True:
             job = self._jobs.get()
+            if job is _STOP:
+                return
             if isinstance(job, threading.Event):
                 job.set()
-                continue
-            path, header, sink_keys, pages = job
-            start = time.perf_counter()
-            try:
-                chunks = [] if sink_keys is None else [_bytes(sink_keys)]
-                size = snapshot_file.write(path, header, chunks + [_bytes(p) for p in pages])
-            except Exception as error:  # a request never fails because the disk did
-                self.failures += 1
-                self._warn(
-                    type(error).__name__,
-                    f"vllm-sink: cannot write snapshot file {path}: {error}; "
-                    "snapshots are not kept on disk while this fails",
-                )
-                continue
-            if self._on_written is not None:
-                self._on_written(size, time.perf_counter() - start)
+            else:
+                self._write(*job)
+            del job  # the thread, waiting for the next job, holds no pages
+
+    def _write(
+        self, path: Path, header: dict[str, Any], sink_keys: torch.Tensor | None,
+        pages: list[torch.Tensor],
+    ) -> None:  # fmt: skip
+        start = time.perf_counter()
+        try:
+            chunks = [] if sink_keys is None else [_bytes(sink_keys)]
+            size = snapshot_file.write(path, header, chunks + [_bytes(p) for p in pages])
+        except Exception as error:  # a request never fails because the disk did
+            self.failures += 1
+            self._warn(
+                type(error).__name__,
+                f"vllm-sink: cannot write snapshot file {path}: {error}; "
+                "snapshots are not kept on disk while this fails",
+            )
+            return
+        on_written = None if self._on_written is None else self._on_written()
+        if on_written is not None:
+            on_written(size, time.perf_counter() - start)
 
     def _warn(self, kind: str, message: str) -> None:
         if kind not in self._warned:  # once per kind: a full disk fails every write

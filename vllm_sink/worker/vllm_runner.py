@@ -84,6 +84,16 @@ def kv_caches(runner: Runner) -> list[torch.Tensor]:
     return runner.kv_caches
 
 
+def alibi_slopes(layer: Any) -> torch.Tensor | None:
+    """An attention layer's ALiBi slopes (``None`` without ALiBi)."""
+    return layer.impl.alibi_slopes
+
+
+def isa(layer: Any) -> str:
+    """The instruction set the CPU attention layer's kernels were built for."""
+    return layer.isa
+
+
 def tensor_parallel_rank() -> int:
     from vllm.distributed import get_tensor_model_parallel_rank
 
