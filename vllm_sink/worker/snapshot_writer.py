@@ -38,9 +38,9 @@ _STOP = object()
 class SnapshotWriter:
     """One background thread writing snapshot files, in the order given.
 
-    The thread holds the owner of ``on_written`` (a bound method) weakly: an engine shut down in a
-    process that goes on (the offline ``LLM``) frees its KV pool; :meth:`close`
-    ends the thread once what was queued is written.
+    The thread holds the owner of ``on_written`` (a bound method) weakly: an
+    engine shut down in a process that goes on (the offline ``LLM``) frees its
+    KV pool. :meth:`close` ends the thread once what was queued is written.
     """
 
     def __init__(self, on_written: Callable[[int, float], None] | None = None) -> None:
