@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import re
 
 import pytest
 
 from vllm_sink.vllm_internals import INTERNALS, Internal
-from vllm_sink_dev.contract import signature_problems
+from vllm_sink_dev.contract import assigned_in, signature_problems
 
 
 def what_moved(internal: Internal) -> str | None:
@@ -33,10 +32,7 @@ def what_moved(internal: Internal) -> str | None:
         fields = getattr(owner, "__dataclass_fields__", {})
         return None if internal.name in fields else f"{where}: no such dataclass field"
     if internal.kind == "attribute":
-        name = re.escape(internal.name)
-        assigned = re.compile(
-            rf"self\.{name}\s*(:[^=\n]*)?=[^=]|register_buffer\(\s*[\"']{name}[\"']"
-        )
+        assigned = assigned_in(internal.name)
         found = hasattr(owner, internal.name) or assigned.search(inspect.getsource(owner))
         return None if found else f"{where}: no longer set on instances"
     function = getattr(owner, internal.name, None)

@@ -14,10 +14,17 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import re
 
 from vllm_sink.vllm_internals import Internal
 
 POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def assigned_in(name: str) -> re.Pattern[str]:
+    """Where a class's source sets attribute ``name`` on instances, or registers it as a buffer."""
+    name = re.escape(name)
+    return re.compile(rf"self\.{name}\s*(:[^=\n]*)?=[^=]|register_buffer\(\s*[\"']{name}[\"']")
 
 
 def our_method(internal: Internal):

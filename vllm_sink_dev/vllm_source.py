@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_sink.vllm_internals import INTERNALS, Internal
-from vllm_sink_dev.contract import signature_problems
+from vllm_sink_dev.contract import assigned_in, signature_problems
 
 
 @dataclass(frozen=True)
@@ -156,10 +156,7 @@ class VllmSource:
 
     def has_attribute(self, internal: Internal) -> bool:
         """Set on instances (``self.name = ...``), a buffer, a class attribute or a property."""
-        name = re.escape(internal.name)
-        assigned = re.compile(
-            rf"self\.{name}\s*(:[^=\n]*)?=[^=]|register_buffer\(\s*[\"']{name}[\"']"
-        )
+        assigned = assigned_in(internal.name)
         for module, cls in self._chain(internal):
             if assigned.search(ast.get_source_segment(self._text(module), cls) or ""):
                 return True

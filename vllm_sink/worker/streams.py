@@ -30,9 +30,6 @@ class WorkerStreams:
     def __getitem__(self, req_id: str) -> StreamState:
         return self.by_id[req_id]
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.by_id)
-
     def finish(self, req_ids: Iterable[str]) -> Iterator[tuple[str, StreamState]]:
         """The streams of requests that ended, no longer held here."""
         for req_id in req_ids:
