@@ -28,6 +28,8 @@ from vllm_sink.config import (
     HOST_SIZE_KEY,
     SINKS_KEY,
     SNAPSHOTS_KEY,
+    UNCACHED_KEY,
+    UNCACHED_MODES,
     WINDOW_KEY,
 )
 
@@ -99,6 +101,16 @@ def add_streaming_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"Disk the snapshot files may take, least recently used removed first (default "
         f"{DEFAULT_DIR_SIZE:g}; 0 keeps none).",
     )
+    group.add_argument(
+        "--streaming-uncached-prompts",
+        choices=UNCACHED_MODES,
+        default=None,
+        help="How a prompt longer than sinks + window that no snapshot resumes is computed: "
+        "'stream' streams all of it (default); 'window' computes its first S tokens and its "
+        "last W only, as if the tokens between had been evicted (the paper's sliding window "
+        "with re-computation), so a conversation whose snapshot is gone costs O(W) to resume "
+        "instead of O(history). Requests asking for prompt log-probabilities are streamed.",
+    )
 
 
 def fold_into_additional_config(engine_args, args: argparse.Namespace) -> None:
@@ -109,6 +121,7 @@ def fold_into_additional_config(engine_args, args: argparse.Namespace) -> None:
         HOST_SIZE_KEY: getattr(args, "streaming_snapshot_host_size", None),
         DIR_KEY: getattr(args, "streaming_snapshot_dir", None),
         DIR_SIZE_KEY: getattr(args, "streaming_snapshot_dir_size", None),
+        UNCACHED_KEY: getattr(args, "streaming_uncached_prompts", None),
     }
     values = {key: value for key, value in values.items() if value is not None}
     if values:

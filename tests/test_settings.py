@@ -45,6 +45,12 @@ def test_serve_flags_land_in_additional_config():
         AsyncEngineArgs.from_cli_args(args).additional_config
     )
     assert (settings.directory, settings.dir_size) == ("/srv/snapshots", 40)
+    assert settings.uncached_prompts == "stream"
+    _, args = parse_serve_args(["--streaming-sinks", "4", "--streaming-uncached-prompts", "window"])
+    settings = StreamingSettings.from_additional_config(
+        AsyncEngineArgs.from_cli_args(args).additional_config
+    )
+    assert settings.uncached_prompts == "window"
 
 
 def test_flags_merge_with_other_additional_config():
@@ -112,6 +118,10 @@ def test_sinks_alone_turn_streaming_on_with_default_window():
         (
             {"streaming_sinks": 4, "streaming_snapshots": 0, "streaming_snapshot_dir": "/x"},
             "--streaming-snapshot-dir .* needs --streaming-snapshots above 0",
+        ),
+        (
+            {"streaming_sinks": 4, "streaming_uncached_prompts": "drop"},
+            "--streaming-uncached-prompts .* must be one of stream, window \\(got 'drop'\\)",
         ),
     ],
 )

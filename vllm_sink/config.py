@@ -24,7 +24,10 @@ SNAPSHOTS_KEY = "streaming_snapshots"
 HOST_SIZE_KEY = "streaming_snapshot_host_size"
 DIR_KEY = "streaming_snapshot_dir"
 DIR_SIZE_KEY = "streaming_snapshot_dir_size"
-ALL_KEYS = (SINKS_KEY, WINDOW_KEY, SNAPSHOTS_KEY, HOST_SIZE_KEY, DIR_KEY, DIR_SIZE_KEY)
+UNCACHED_KEY = "streaming_uncached_prompts"
+ALL_KEYS = (
+    SINKS_KEY, WINDOW_KEY, SNAPSHOTS_KEY, HOST_SIZE_KEY, DIR_KEY, DIR_SIZE_KEY, UNCACHED_KEY
+)  # fmt: skip
 KEY_PREFIX = "streaming_"
 """additional_config keys with this prefix are vllm-sink's: unknown ones are refused."""
 
@@ -40,6 +43,10 @@ Their KV blocks count as free (live streams take them, least recently used
 first), so the number only bounds bookkeeping: the worker keeps each one's sink
 keys (``S x layers x KV heads x head size`` values, 92 KB for SmolLM2 in float32).
 """
+UNCACHED_MODES = ("stream", "window")
+"""How a prompt longer than sinks + window that no snapshot resumes is computed: every
+token streamed (the exact stream), or its sinks and last window only (O(W), see
+:mod:`vllm_sink.core.uncached_prompts`)."""
 GIB = 2**30
 DEFAULT_DIR_SIZE = 16.0
 """GiB of disk for snapshot files when a directory is given: about 270 SmolLM2 snapshots
@@ -70,6 +77,8 @@ class StreamingSettings:
     """Where snapshots are written, to outlive the engine and reach other replicas."""
     dir_size: float = DEFAULT_DIR_SIZE
     """GiB of disk the directory's files of this engine may take (0: the disk tier is off)."""
+    uncached_prompts: str = UNCACHED_MODES[0]
+    """One of :data:`UNCACHED_MODES`."""
 
     @classmethod
     def from_additional_config(
@@ -131,7 +140,13 @@ class StreamingSettings:
                 raise StreamingConfigError(
                     f"{_name(key)} holds snapshots: it needs --streaming-snapshots above 0"
                 )
-        return cls(sinks, window, snapshots, host_size, directory, dir_size)
+        uncached = additional_config.get(UNCACHED_KEY, UNCACHED_MODES[0])
+        if uncached not in UNCACHED_MODES:
+            raise StreamingConfigError(
+                f"{_name(UNCACHED_KEY)} must be one of {', '.join(UNCACHED_MODES)} "
+                f"(got {uncached!r})"
+            )
+        return cls(sinks, window, snapshots, host_size, directory, dir_size, uncached)
 
 
 def _name(key: str) -> str:

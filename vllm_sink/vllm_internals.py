@@ -121,7 +121,8 @@ INTERNALS: tuple[Internal, ...] = (
         for name in (
             "all_token_ids", "num_computed_tokens", "num_tokens", "cache_salt", "lora_request",
             "mm_features", "prompt_embeds", "skip_reading_prefix_cache", "sampling_params",
-            "request_id", "is_finished", "num_prompt_tokens",
+            "request_id", "is_finished", "num_prompt_tokens", "prompt_token_ids",
+            "output_token_ids", "_all_token_ids", "resumable",
         )
     ),
     Internal("vllm.v1.core.kv_cache_manager", "KVCacheManager", "create_kv_cache_blocks",

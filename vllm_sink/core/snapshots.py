@@ -14,6 +14,10 @@ tokens, for any ``L`` from the start of the step that last changed it
 regenerated last turn, resumes there and recomputes the rest; a stream that
 never evicted resumes at any length.
 
+A snapshot of a cut prompt (:mod:`vllm_sink.core.uncached_prompts`) is keyed
+by the whole tokens and records how many it skipped: its token counts are the
+whole tokens', its rows and shift the stream's.
+
 A snapshot never changes once made: a request that resumes it gets a copy of
 its blocks, so a regenerate, an edited message, a second tab and ``n > 1``
 samples all resume from the same one.
@@ -62,6 +66,13 @@ class Snapshot:
     """Blocks in each KV cache group's row: ``ceil(N / block_size)``."""
     freed_until: tuple[int, ...]
     """Per group, the row index below which blocks after the head were freed."""
+    skipped: int = 0
+    """Tokens after the sinks the stream never computed (a cut prompt's); ``resumable_from``
+    is past them."""
+
+    def stream_length(self, length: int) -> int:
+        """Tokens of its stream that the first ``length`` of its tokens make."""
+        return length - self.skipped
 
     def resumable_length(self, tokens: Sequence[int], max_tokens: int) -> int:
         """Tokens of ``tokens`` (whose first :attr:`resumable_from` match) it resumes."""
@@ -108,6 +119,7 @@ class SnapshotIndex:
         resumable_from: int,
         shift: int,
         freed_until: tuple[int, ...],
+        skipped: int = 0,
     ) -> Snapshot:
         keys = self.keys(tokens, request_salt)
         key = keys.key(len(tokens))
@@ -119,8 +131,9 @@ class SnapshotIndex:
             start_key=keys.key(resumable_from),
             tail_tokens=tuple(tokens[resumable_from:]),
             shift=shift,
-            row_length=-(-len(tokens) // self.block_size),
+            row_length=-(-(len(tokens) - skipped) // self.block_size),
             freed_until=freed_until,
+            skipped=skipped,
         )
 
     def add(self, snapshot: Snapshot) -> Snapshot | None:

@@ -251,7 +251,9 @@ class _StreamingManager(SingleTypeKVCacheManager):
         snapshot = self.snapshots.snapshot_of(new_computed_blocks[0]) if self.snapshots else None
         group = self.kv_cache_group_id
         if snapshot is None or not (
-            snapshot.resumable_from <= length <= snapshot.num_tokens
+            snapshot.stream_length(snapshot.resumable_from)
+            <= length
+            <= snapshot.stream_length(snapshot.num_tokens)
             and tuple(new_computed_blocks) == self.snapshots.pool_row(snapshot, group, length)
         ):
             raise RuntimeError(f"vllm-sink: no snapshot for the cache hit of {request_id}")
@@ -259,7 +261,8 @@ class _StreamingManager(SingleTypeKVCacheManager):
         assert not req_blocks, "a snapshot goes to a request that holds no blocks yet"
         req_blocks.extend(self.snapshots.copy_row(new_computed_blocks))
         self.num_cached_block[request_id] = len(req_blocks)
-        state, unchanged_since = self.cache_state(length), snapshot.resumable_from
+        state = self.cache_state(length)
+        unchanged_since = snapshot.stream_length(snapshot.resumable_from)
         since = unchanged_since if state == self.cache_state(unchanged_since) else length
         self._progress[request_id] = StreamProgress(
             length, state, since, snapshot.freed_until[group]
@@ -327,14 +330,20 @@ class StreamingManagers:
             manager.snapshots = self.snapshots
 
     def keep_snapshot(
-        self, request_id: str, tokens: Sequence[int], request_salt: str, running: bool = False
+        self,
+        request_id: str,
+        tokens: Sequence[int],
+        request_salt: str,
+        running: bool = False,
+        cut: int = 0,
     ) -> bool:
         """Keep a request's blocks as a snapshot of ``tokens`` (its computed tokens).
 
         A finished request's blocks are kept instead of freed; a running
-        request's (``running``: its prompt just computed) are copied. ``False``
-        (nothing done) when snapshots are off, the request holds no KV, or the
-        copy was not made.
+        request's (``running``: its prompt just computed) are copied. A cut
+        prompt's ``tokens`` are its whole tokens, ``cut`` of which after the
+        sinks its stream left out. ``False`` (nothing done) when snapshots are
+        off, the request holds no KV, or the copy was not made.
         """
         if (
             self.snapshots.capacity <= 0
@@ -343,22 +352,25 @@ class StreamingManagers:
             or not all(m.progress(request_id) for m in self.groups)
         ):
             return False
-        held = _cdiv(len(tokens), self.sinks.block_size)
+        held = _cdiv(len(tokens) - cut, self.sinks.block_size)
         if running:
             taken = [(tuple(m.req_to_blocks[request_id][:held]), m.progress(request_id))
                      for m in self.groups]  # fmt: skip
         else:
             taken = [m.pop_snapshot_blocks(request_id, held) for m in self.groups]
         resumable_from = max(progress.since for _, progress in taken)
+        if cut:  # a cut stream's lengths below its sinks' end + the cut are no stream's
+            resumable_from = max(resumable_from, self.sinks.policy.sinks)
         return self.snapshots.keep(
             request_id,
             tokens,
             request_salt,
             rows=tuple(blocks for blocks, _ in taken),
             freed_until=tuple(progress.freed_until for _, progress in taken),
-            resumable_from=resumable_from,
+            resumable_from=resumable_from + cut,
             shift=self.sinks.policy.position_shift(resumable_from),
             copy=running,
+            skipped=cut,
         )
 
     @property

@@ -7,6 +7,9 @@
   learns which stream it continues from the request's ``extra_args``
   (:data:`~vllm_sink.core.snapshots.RESUME_KEY`), and what to copy from
   the ops each step carries (:mod:`vllm_sink.core.snapshot_ops`).
+* With ``--streaming-uncached-prompts window``, a long prompt that no snapshot
+  resumes far enough is cut to its sinks and last window before it is
+  scheduled (:mod:`vllm_sink.core.uncached_prompts`).
 * vLLM makes its scheduler stats once per step (``make_stats``) when stats are
   on; the streaming figures are made at the same moment from the streaming KV
   manager and written to this engine core's board (:mod:`vllm_sink.metrics`),
@@ -26,6 +29,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 
 from vllm_sink.config import GIB, streaming_policy, streaming_settings
 from vllm_sink.core.snapshots import resume_source
+from vllm_sink.core.uncached_prompts import CutPrompt, cut_tokens, tokens_to_cut
 from vllm_sink.metrics import StreamingBoard, engine_key
 from vllm_sink.scheduler.kv_cache import StreamingManagers
 from vllm_sink.scheduler.snapshot_directory import open_snapshot_directory
@@ -33,9 +37,11 @@ from vllm_sink.scheduler.snapshot_keeper import TierSizes
 from vllm_sink.scheduler.vllm_scheduler import (
     attach_snapshot_ops,
     computed_prompt,
-    computed_tokens,
+    cuttable,
     kv_bytes_per_block,
     mark_resumed,
+    output_tokens,
+    replace_prompt,
     request_salt,
     resumable,
     running_requests,
@@ -64,6 +70,11 @@ class StreamingSchedulerMixin:
         self._resumed_from_tier: dict[str, str] = {}
         self._prompts_kept: set[str] = set()
         """Running requests whose computed prompt has been kept (:meth:`_keep_computed_prompts`)."""
+        self.policy = streaming_policy(config)
+        self.cut_uncached = streaming_settings(config).uncached_prompts == "window"
+        self._cut: dict[str, CutPrompt] = {}
+        """Requests whose prompt is cut, by id."""
+        self.prompts_cut = self.prompt_tokens_cut = 0
         self._board: StreamingBoard | None = None
         self._published_at = 0.0
         if self.log_stats:
@@ -119,23 +130,45 @@ class StreamingSchedulerMixin:
             if computed_prompt(request) and request_id not in self._prompts_kept:
                 self._prompts_kept.add(request_id)
                 if resumable(request):
-                    self.streaming.keep_snapshot(
-                        request_id, computed_tokens(request), request_salt(request), running=True
-                    )
+                    self._keep_snapshot(request, running=True)
+
+    def _keep_snapshot(self, request, running: bool = False) -> bool:
+        """Keep the request's stream as the snapshot of its computed tokens, as its client
+        sent them (a cut prompt whole)."""
+        cut = self._cut.get(request.request_id)
+        skipped = cut.cut if cut else 0
+        tokens = self._whole_tokens(request)[: request.num_computed_tokens + skipped]
+        return self.streaming.keep_snapshot(
+            request.request_id, tokens, request_salt(request), running=running, cut=skipped
+        )
+
+    def _whole_tokens(self, request) -> list[int]:
+        cut = self._cut.get(request.request_id)
+        return cut.whole_tokens(output_tokens(request)) if cut else list(request.all_token_ids)
+
+    def _cut_prompt(self, request, cut: int) -> None:
+        """Leave out ``cut`` tokens after the sinks of the request's whole prompt (0: none)."""
+        request_id = request.request_id
+        previous = self._cut.pop(request_id, None)
+        if previous is None and not cut:
+            return
+        whole = previous.whole_prompt if previous else tuple(request.prompt_token_ids)
+        replace_prompt(request, cut_tokens(whole, self.policy.sinks, cut))
+        if cut:
+            self._cut[request_id] = CutPrompt(whole, cut)
 
     def _free_request_blocks(self, request) -> None:
         self._resumed_from_tier.pop(request.request_id, None)
         self._prompts_kept.discard(request.request_id)
-        if (
+        kept = (
             request.is_finished()
             and resumable(request)
             and self._request_blocks_can_be_freed(request)
-            and self.streaming.keep_snapshot(
-                request.request_id, computed_tokens(request), request_salt(request)
-            )
-        ):
-            return
-        super()._free_request_blocks(request)
+            and self._keep_snapshot(request)
+        )
+        self._cut.pop(request.request_id, None)
+        if not kept:
+            super()._free_request_blocks(request)
 
     def _get_local_prefix_cache_hit(self, request, max_cache_hit_length: int | None = None):
         """vLLM's (empty) prefix-cache hit, or the snapshot that resumes the most of the prompt.
@@ -145,20 +178,33 @@ class StreamingSchedulerMixin:
         limit = () if max_cache_hit_length is None else (max_cache_hit_length,)
         hit = super()._get_local_prefix_cache_hit(request, *limit)  # prefix caching is off
         snapshots = self.streaming.snapshots
+        tokens = self._whole_tokens(request)
+        whole_prompt = len(tokens) - len(output_tokens(request))
+        cut = 0
+        if self.cut_uncached and cuttable(request):
+            cut = tokens_to_cut(self.policy, len(tokens), whole_prompt)
         found = None
         if len(snapshots) and resumable(request) and not request.skip_reading_prefix_cache:
             # At least the last prompt token is computed again, for its logits.
-            last = request.num_tokens - 1
+            last = len(tokens) - 1
             if max_cache_hit_length is not None:
                 last = min(last, max_cache_hit_length)
-            found = snapshots.resume(request.all_token_ids, request_salt(request), last)
+            # Worth resuming only if it leaves no more to compute than a cut prompt.
+            found = snapshots.resume(tokens, request_salt(request), last, min_tokens=max(cut, 1))
+            if found and found[0].skipped > whole_prompt - self.policy.sinks - 1:
+                found = None  # its cut reaches past this request's prompt
         mark_resumed(request, found[0] if found else None)
         if found is None:
+            self._cut_prompt(request, cut)
+            if cut:
+                self.prompts_cut += 1
+                self.prompt_tokens_cut += cut
             return hit
         snapshot, length, rows, tier = found
+        self._cut_prompt(request, snapshot.skipped)
         self._resumed_from_tier[request.request_id] = tier
         blocks = self.kv_cache_manager.create_kv_cache_blocks(tuple(list(row) for row in rows))
-        return blocks, length, 0, False
+        return blocks, snapshot.stream_length(length), 0, False
 
     def schedule(self, *args, **kwargs):
         self.streaming.snapshots.maybe_scan()
@@ -205,6 +251,8 @@ class StreamingSchedulerMixin:
             "snapshot_hits": self.snapshot_hits,
             "snapshot_misses": self.snapshot_misses,
             "snapshot_tokens_skipped": self.snapshot_tokens_skipped,
+            "prompts_cut": self.prompts_cut,
+            "prompt_tokens_cut": self.prompt_tokens_cut,
             "snapshot_spills": snapshots.spills,
             "snapshot_disk_read_us": int(snapshots.disk_read_seconds * 1e6),
             **{f"snapshot_count_{tier}": count for tier, (count, _) in tiers.items()},

@@ -147,13 +147,17 @@ class SnapshotKeeper:
         resumable_from: int,
         shift: int,
         copy: bool = False,
+        skipped: int = 0,
     ) -> bool:
         """Keep ``rows`` as the snapshot of ``tokens``: a finished request's, whose references
         it hands over, or (``copy``) a running request's, copied into fresh blocks.
 
         A copy is not made if the snapshot exists already or the pool has no room for it.
+        ``skipped``: the stream is a cut prompt's (:class:`~vllm_sink.core.snapshots.Snapshot`).
         """
-        snapshot = self.index.make(tokens, request_salt, resumable_from, shift, freed_until)
+        snapshot = self.index.make(
+            tokens, request_salt, resumable_from, shift, freed_until, skipped
+        )
         replaced = self.index.get(snapshot.key)
         if copy:
             if replaced is not None or self.block_pool.get_num_free_blocks() < len(_live(rows)):
@@ -289,21 +293,21 @@ class SnapshotKeeper:
 
     # --------------------------------------------------------------- resuming
     def resume(
-        self, tokens: Sequence[int], request_salt: str, max_tokens: int
+        self, tokens: Sequence[int], request_salt: str, max_tokens: int, min_tokens: int = 1
     ) -> tuple[Snapshot, int, tuple[Row, ...], str] | None:
         """The snapshot that resumes the most of ``tokens`` (at most ``max_tokens``), in the pool.
 
         With how many tokens it resumes, its pool blocks for them and the tier
         it was found in. A snapshot in host memory or on disk is restored into
         the pool first, if the pool has room for it and for the request's copy
-        of it; else ``None``.
+        of it; ``None`` if it has not, or if none resumes ``min_tokens``.
         """
         found = self.index.find(tokens, request_salt, max_tokens)
-        if found is None and self.disk is not None:
+        if (found is None or found[1] < min_tokens) and self.disk is not None:
             if time.monotonic() - self._scanned_at > RESCAN_ON_MISS_S:
                 self.scan()  # another engine may have written it since
                 found = self.index.find(tokens, request_salt, max_tokens)
-        if found is None:
+        if found is None or found[1] < min_tokens:
             return None
         snapshot, length = found
         key = snapshot.key
@@ -316,7 +320,7 @@ class SnapshotKeeper:
                 held.move_to_end(key)
         if key in self._disk and tier != "disk":
             self.disk.touch(snapshot)
-        held = -(-length // self.block_size)
+        held = -(-snapshot.stream_length(length) // self.block_size)
         return snapshot, length, tuple(row[:held] for row in self._pool[key]), tier
 
     def _tiers(self) -> tuple[OrderedDict, ...]:
@@ -358,7 +362,8 @@ class SnapshotKeeper:
         return None if key is None else self.index.get(key)
 
     def pool_row(self, snapshot: Snapshot, group: int, length: int) -> Row:
-        """The snapshot's pool blocks in ``group`` that hold its first ``length`` tokens."""
+        """The snapshot's pool blocks in ``group`` that hold the first ``length`` tokens of its
+        stream."""
         return self._pool[snapshot.key][group][: -(-length // self.block_size)]
 
     def copy_row(self, row: Sequence[KVCacheBlock]) -> list[KVCacheBlock]:

@@ -50,11 +50,6 @@ def register_builtin_specs() -> None:
     KVCacheSpecRegistry._ensure_registered()
 
 
-def computed_tokens(request: Any) -> list[int]:
-    """The tokens whose KV the request's blocks hold."""
-    return request.all_token_ids[: request.num_computed_tokens]
-
-
 def running_requests(scheduler: Any) -> list[Any]:
     return list(scheduler.running)
 
@@ -67,6 +62,37 @@ def computed_prompt(request: Any) -> bool:
 def resumable(request: Any) -> bool:
     """Whether the request's KV is a function of its token ids (no images or embeddings)."""
     return not request.mm_features and request.prompt_embeds is None
+
+
+def cuttable(request: Any) -> bool:
+    """Whether the request's prompt may be cut (:mod:`vllm_sink.core.uncached_prompts`).
+
+    Not when it asks for its prompt's log-probabilities (one per prompt token
+    its client sent), nor for a streaming-input session's (its cache is its own).
+    """
+    params = request.sampling_params
+    return (
+        resumable(request)
+        and params is not None
+        and params.prompt_logprobs is None
+        and not request.resumable
+    )
+
+
+def output_tokens(request: Any) -> list[int]:
+    return list(request.output_token_ids)
+
+
+def replace_prompt(request: Any, prompt: list[int]) -> None:
+    """Make ``prompt`` the request's prompt in this scheduler, its output kept after it.
+
+    The front end keeps the prompt its client sent (outputs report it); the
+    engine core's request gets its own lists.
+    """
+    outputs = output_tokens(request)
+    request.prompt_token_ids = prompt
+    request.num_prompt_tokens = len(prompt)
+    request._all_token_ids[:] = [*prompt, *outputs]
 
 
 def request_salt(request: Any) -> str:
