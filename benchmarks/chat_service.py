@@ -4,8 +4,10 @@ Conversations (more than the KV pool holds) talk to ``vllm serve`` SmolLM2
 through ``/v1/chat/completions``, each turn a passage of the Debian handbook
 and a question, with think time between turns; about 10% of turns regenerate
 the last answer (sampled), 5% edit the last message, and the server is
-restarted half way (SIGTERM, then the same command). The same seeded trace runs
-against each system:
+restarted half way (SIGTERM, then the same command). About 5% of turns are
+sent from a second tab as well, at the same moment (a ``second_tab`` turn is
+that second request; the conversation goes on with the first one's answer).
+The same seeded trace runs against each system:
 
 * ``tiers``: vllm-sink with its snapshot tiers (host memory and a directory);
 * ``today``: vllm-sink as released before them (``--plugin-path``: a checkout of
@@ -45,6 +47,8 @@ from vllm_sink_dev.serve import metric_samples, vllm_serve
 STREAMING = ["--streaming-sinks", "4", "--streaming-window", "1020"]
 COMMON = ["--max-num-batched-tokens", "512", "--enable-prompt-tokens-details",
           "--max-num-seqs", "8"]  # fmt: skip
+BRANCHES = ("regenerate", "edit", "second_tab")
+"""Turn kinds that branch off a conversation instead of continuing it."""
 QUESTIONS = [
     "In two sentences, what is this passage about?",
     "Which command or file does this passage mention first?",
@@ -60,7 +64,7 @@ class Turn:
     conversation: int
     index: int
     kind: str
-    """``next``, ``regenerate`` or ``edit``."""
+    """``next``, ``regenerate``, ``edit`` or ``second_tab``."""
     after_restart: bool
     prompt_tokens: int = 0
     cached_tokens: int = 0
@@ -87,12 +91,18 @@ class Conversation:
 
 
 def plan(turns: int, seed: int, index: int) -> list[str]:
-    """A conversation's turn kinds: the first a new message, then ~10% regenerate, ~5% edit."""
+    """A conversation's turn kinds: the first a new message, then ~10% regenerate, ~5% edit,
+    ~5% sent from two tabs."""
     rng = random.Random(seed * 1000 + index)
     kinds = ["next"]
     for _ in range(turns - 1):
         draw = rng.random()
-        kinds.append("regenerate" if draw < 0.10 else "edit" if draw < 0.15 else "next")
+        kinds.append(
+            "regenerate" if draw < 0.10
+            else "edit" if draw < 0.15
+            else "second_tab" if draw < 0.20
+            else "next"
+        )  # fmt: skip
     return kinds
 
 
@@ -120,11 +130,16 @@ async def ask(client, model: str, messages: list[dict], temperature: float,
 
 
 async def take_turn(client, model, conversation: Conversation, kind: str, after_restart: bool,
-                    max_tokens: int) -> Turn:  # fmt: skip
-    """One turn; the conversation's history changes as the user's client would change it."""
+                    max_tokens: int) -> list[Turn]:  # fmt: skip
+    """One turn (two requests from a second tab); the conversation's history changes as the
+    user's client would change it."""
     rng, messages = conversation.rng, conversation.messages
     turn = Turn(conversation.index, conversation.turns_done, kind, after_restart)
-    if kind == "next" or not messages:
+    tabs = [turn]
+    if kind == "second_tab" and messages:
+        turn.kind = "next"
+        tabs.append(Turn(conversation.index, conversation.turns_done, kind, after_restart))
+    if kind in ("next", "second_tab") or not messages:
         turn.kind = "next"
         passage = conversation.passages[conversation.turns_done]
         request = [*messages, {"role": "user", "content": f"{passage}\n\n{rng.choice(QUESTIONS)}"}]
@@ -138,18 +153,22 @@ async def take_turn(client, model, conversation: Conversation, kind: str, after_
                 {"role": "user", "content": f"{passage}\n\n{rng.choice(QUESTIONS)}"},
             ]
         temperature = 0.8 if kind == "regenerate" else 0.0
-    try:
-        # Unseeded: vLLM 0.32 on CPU fails seeded requests whose prompt spans prefill
-        # chunks ("CPU Generator does not use offset"; vllm-sink's worker does not).
-        reply, figures = await ask(client, model, request, temperature, max_tokens)
-    except Exception as error:  # noqa: BLE001 - recorded, the run goes on
-        turn.error = f"{type(error).__name__}: {error}"
-        return turn
-    for name, value in figures.items():
-        setattr(turn, name, value)
-    conversation.messages = [*request, {"role": "assistant", "content": reply}]
-    conversation.turns_done += 1
-    return turn
+    # Unseeded: vLLM 0.32 on CPU fails seeded requests whose prompt spans prefill
+    # chunks ("CPU Generator does not use offset"; vllm-sink's worker does not).
+    answers = await asyncio.gather(
+        *(ask(client, model, request, temperature, max_tokens) for _ in tabs),
+        return_exceptions=True,
+    )
+    for tab, answer in zip(tabs, answers):
+        if isinstance(answer, BaseException):
+            tab.error = f"{type(answer).__name__}: {answer}"
+        else:
+            for name, value in answer[1].items():
+                setattr(tab, name, value)
+    if not turn.error:
+        conversation.messages = [*request, {"role": "assistant", "content": answers[0][0]}]
+        conversation.turns_done += 1
+    return tabs
 
 
 class Service:
@@ -224,13 +243,15 @@ async def run_system(name: str, flags: list[str], env: dict, args, passages, log
                 client = openai.AsyncOpenAI(base_url=f"{service.server.url}/v1", api_key="-",
                                             max_retries=0, timeout=900)  # fmt: skip
                 after_restart = args.restart and restarted.is_set()
-                turn = await take_turn(client, service.server.model, conversation, kind,
+                tabs = await take_turn(client, service.server.model, conversation, kind,
                                        after_restart, args.max_tokens)  # fmt: skip
             state["pending"] -= 1
-            turns.append(turn)
-            print(f"[{name}] {len(turns)}/{total} conv {turn.conversation} {turn.kind:10s} "
-                  f"prompt {turn.prompt_tokens:5d} cached {turn.cached_tokens:5d} "
-                  f"ttft {turn.ttft_s:6.2f}s {turn.error}", flush=True)  # fmt: skip
+            turns.extend(tabs)
+            for turn in tabs:
+                print(f"[{name}] {state['begun']}/{total} conv {turn.conversation} "
+                      f"{turn.kind:10s} prompt {turn.prompt_tokens:5d} cached "
+                      f"{turn.cached_tokens:5d} ttft {turn.ttft_s:6.2f}s {turn.error}",
+                      flush=True)  # fmt: skip
             await asyncio.sleep(rng.expovariate(1 / args.think_s))
 
     async def restart_half_way() -> None:
@@ -303,8 +324,8 @@ def summarize(turns: list[dict]) -> dict:
         / max(1, len(after_first_resume)),
         "conversations_resumed_after_restart": sum(t["resumed"] for t in first_after_restart)
         / max(1, len(first_after_restart)),
-        "ttft_median_s": {k: median_ttft(k) for k in ("next", "regenerate", "edit")},
-        "ttft_vs_resumed_next": {k: median_ttft(k) / base for k in ("regenerate", "edit")},
+        "ttft_median_s": {k: median_ttft(k) for k in ("next", *BRANCHES)},
+        "ttft_vs_resumed_next": {k: median_ttft(k) / base for k in BRANCHES},
         "ttft_by_prompt_tokens": buckets,
         "ttft_p50_s": quantile([t["ttft_s"] for t in later], 0.5),
         "ttft_p99_s": quantile([t["ttft_s"] for t in later], 0.99),
@@ -318,8 +339,8 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     colors = {"tiers": "tab:green", "today": "tab:red", "vllm": "tab:blue"}
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
-    for name, result in results.items():
+    fig, axes = plt.subplots(1, 4, figsize=(22, 5))
+    for i, (name, result) in enumerate(results.items()):
         turns = [t for t in result["turns"] if not t["error"] and t["index"]]
         for resumed, marker in ((True, "o"), (False, "x")):
             chosen = [t for t in turns if t["resumed"] == resumed]
@@ -336,12 +357,20 @@ def plot(results: dict, path: Path) -> None:
         in_memory = [m["kv_used_gib"] + m.get("snapshot_host_gib", 0) for m in memory]
         label = f"{name}: KV in use + snapshots in host memory"
         axes[2].plot([m["t_s"] for m in memory], in_memory, color=colors.get(name), label=label)
+        ratios = summary["ttft_vs_resumed_next"]
+        xs = [j + 0.25 * (i - 1) for j in range(len(BRANCHES))]
+        axes[3].bar(xs, [ratios[k] for k in BRANCHES], width=0.25, color=colors.get(name),
+                    label=name)  # fmt: skip
     axes[0].set(xlabel="prompt tokens (history)", ylabel="time to first token (s)", yscale="log",
                 title="every turn after a conversation's first")  # fmt: skip
     axes[1].set(xlabel="prompt tokens", ylabel="time to first token (s)", yscale="log",
                 title="p50 and p99 by history length")  # fmt: skip
     axes[1].tick_params(axis="x", rotation=30)
     axes[2].set(xlabel="seconds (restart half way)", ylabel="GiB", title="memory")
+    axes[3].axhline(3, color="grey", linestyle=":", label="target: within 3x")
+    axes[3].set_xticks(range(len(BRANCHES)), BRANCHES)
+    axes[3].set(ylabel="median first token / a resumed next turn's",
+                title="branches of a conversation")  # fmt: skip
     for ax in axes:
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import Counter
+from collections.abc import Sequence
 
 from vllm.logger import init_logger
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -70,9 +71,9 @@ class StreamingSchedulerMixin:
         self._resumed_from_tier: dict[str, str] = {}
         self._prompts_kept: set[str] = set()
         """Running requests whose computed prompt has been kept (:meth:`_keep_computed_prompts`)."""
-        self.policy = streaming_policy(config)
+        self.sink_policy = streaming_policy(config)
         self.cut_uncached = streaming_settings(config).uncached_prompts == "window"
-        self._cut: dict[str, CutPrompt] = {}
+        self._cut_prompts: dict[str, CutPrompt] = {}
         """Requests whose prompt is cut, by id."""
         self.prompts_cut = self.prompt_tokens_cut = 0
         self._board: StreamingBoard | None = None
@@ -135,27 +136,27 @@ class StreamingSchedulerMixin:
     def _keep_snapshot(self, request, running: bool = False) -> bool:
         """Keep the request's stream as the snapshot of its computed tokens, as its client
         sent them (a cut prompt whole)."""
-        cut = self._cut.get(request.request_id)
+        cut = self._cut_prompts.get(request.request_id)
         skipped = cut.cut if cut else 0
         tokens = self._whole_tokens(request)[: request.num_computed_tokens + skipped]
         return self.streaming.keep_snapshot(
             request.request_id, tokens, request_salt(request), running=running, cut=skipped
         )
 
-    def _whole_tokens(self, request) -> list[int]:
-        cut = self._cut.get(request.request_id)
-        return cut.whole_tokens(output_tokens(request)) if cut else list(request.all_token_ids)
+    def _whole_tokens(self, request) -> Sequence[int]:
+        cut = self._cut_prompts.get(request.request_id)
+        return cut.whole_tokens(output_tokens(request)) if cut else request.all_token_ids
 
     def _cut_prompt(self, request, cut: int) -> None:
         """Leave out ``cut`` tokens after the sinks of the request's whole prompt (0: none)."""
         request_id = request.request_id
-        previous = self._cut.pop(request_id, None)
+        previous = self._cut_prompts.pop(request_id, None)
         if previous is None and not cut:
             return
         whole = previous.whole_prompt if previous else tuple(request.prompt_token_ids)
-        replace_prompt(request, cut_tokens(whole, self.policy.sinks, cut))
+        replace_prompt(request, cut_tokens(whole, self.sink_policy.sinks, cut))
         if cut:
-            self._cut[request_id] = CutPrompt(whole, cut)
+            self._cut_prompts[request_id] = CutPrompt(whole, cut)
 
     def _free_request_blocks(self, request) -> None:
         self._resumed_from_tier.pop(request.request_id, None)
@@ -166,7 +167,7 @@ class StreamingSchedulerMixin:
             and self._request_blocks_can_be_freed(request)
             and self._keep_snapshot(request)
         )
-        self._cut.pop(request.request_id, None)
+        self._cut_prompts.pop(request.request_id, None)
         if not kept:
             super()._free_request_blocks(request)
 
@@ -181,8 +182,10 @@ class StreamingSchedulerMixin:
         tokens = self._whole_tokens(request)
         whole_prompt = len(tokens) - len(output_tokens(request))
         cut = 0
-        if self.cut_uncached and cuttable(request):
-            cut = tokens_to_cut(self.policy, len(tokens), whole_prompt)
+        if request.request_id in self._cut_prompts:  # preempted: its prompt stays as it was cut
+            cut = self._cut_prompts[request.request_id].cut
+        elif self.cut_uncached and cuttable(request):
+            cut = tokens_to_cut(self.sink_policy, len(tokens), whole_prompt)
         found = None
         if len(snapshots) and resumable(request) and not request.skip_reading_prefix_cache:
             # At least the last prompt token is computed again, for its logits.
@@ -191,14 +194,11 @@ class StreamingSchedulerMixin:
                 last = min(last, max_cache_hit_length)
             # Worth resuming only if it leaves no more to compute than a cut prompt.
             found = snapshots.resume(tokens, request_salt(request), last, min_tokens=max(cut, 1))
-            if found and found[0].skipped > whole_prompt - self.policy.sinks - 1:
+            if found and found[0].skipped > whole_prompt - self.sink_policy.sinks - 1:
                 found = None  # its cut reaches past this request's prompt
         mark_resumed(request, found[0] if found else None)
         if found is None:
             self._cut_prompt(request, cut)
-            if cut:
-                self.prompts_cut += 1
-                self.prompt_tokens_cut += cut
             return hit
         snapshot, length, rows, tier = found
         self._cut_prompt(request, snapshot.skipped)
@@ -215,6 +215,9 @@ class StreamingSchedulerMixin:
             tier = self._resumed_from_tier.pop(new.req_id, None)
             if not new.num_computed_tokens:
                 self.snapshot_misses += 1
+                if new.req_id in self._cut_prompts:
+                    self.prompts_cut += 1
+                    self.prompt_tokens_cut += self._cut_prompts[new.req_id].cut
             elif resume_source(new.sampling_params) is not None:
                 self.snapshot_hits += 1
                 self.tier_hits[tier] += 1
