@@ -3,7 +3,9 @@
 ``ray.serve.llm`` runs one vLLM engine per replica (CPU bundles here) and routes
 requests with its prefix-affinity router, so the turns of one conversation go to
 the replica that holds its stream: each turn resumes the stream the last one left
-(a vllm-sink snapshot) instead of streaming the whole history again.
+(a vllm-sink snapshot) instead of streaming the whole history again. With
+``--snapshot-dir`` on storage every replica reaches, any replica resumes any
+conversation, and a restarted deployment resumes the conversations it had.
 
     pip install 'vllm-sink[ray]'
     .venv/bin/python examples/ray_serve_streaming.py [--replicas 2] [--port 8000]
@@ -41,6 +43,7 @@ def llm_config(args: argparse.Namespace):
                 "streaming_sinks": args.sinks,
                 "streaming_window": args.window,
                 "streaming_snapshots": args.snapshots,
+                **({"streaming_snapshot_dir": args.snapshot_dir} if args.snapshot_dir else {}),
             },
         ),
         placement_group_config={"bundles": [{"CPU": args.threads}]},
@@ -67,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sinks", type=int, default=4)
     parser.add_argument("--window", type=int, default=1020)
     parser.add_argument("--snapshots", type=int, default=64, help="finished streams kept")
+    parser.add_argument(
+        "--snapshot-dir", default=None, help="snapshots also kept here, shared by the replicas"
+    )
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--chunk", type=int, default=1024, help="prefill chunk (tokens)")
     parser.add_argument("--replicas", type=int, default=2, help="vLLM engines")

@@ -98,40 +98,48 @@ def serve_boards() -> dict[Path, dict[str, int]]:
     return {p: figures for p, figures in boards.items() if figures is not None}
 
 
-def test_ray_serve_conversations_past_the_context_resume_their_streams(smollm2, tmp_path):
-    """Two replicas behind Ray Serve's prefix-affinity router; two conversations of four
-    turns each, past a context cut to 1,024 positions. Each conversation stays on one
-    replica, so every turn after the first resumes its stream's snapshot."""
-    from openai import OpenAI
-
-    model = with_short_context(smollm2, 1024, tmp_path / "smollm2-1k")
-    port = free_port()
+def start_ray_serve(model: Path, port: int, snapshot_dir: Path, log_path: Path):
+    """The Ray Serve example with two replicas, once it says it is ready."""
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "RAY_DEDUP_LOGS": "0"}
-    log_path = tmp_path / "ray_serve.log"
-    before = set(serve_boards())
     with open(log_path, "w") as log:
         server = subprocess.Popen(
             [sys.executable, str(EXAMPLES / "ray_serve_streaming.py"), "--model", str(model),
              "--window", str(WINDOW), "--block-size", str(BLOCK), "--chunk", str(CHUNK),
-             "--port", str(port), "--kv-gib", "1"],
+             "--port", str(port), "--kv-gib", "1", "--snapshot-dir", str(snapshot_dir)],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
-    try:
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", timeout=300)
-        # Under load, Ray Serve may fail a replica's first health check (a race in its own
-        # logging set-up) and start it again after a back-off: minutes.
-        deadline = time.time() + 600
-        while "ready: http" not in log_path.read_text():
-            assert server.poll() is None, log_path.read_text()[-4000:]
-            assert time.time() < deadline, (
+    # Under load, Ray Serve may fail a replica's first health check (a race in its own
+    # logging set-up) and start it again after a back-off: minutes.
+    deadline = time.time() + 600
+    while "ready: http" not in log_path.read_text():
+        if server.poll() is not None or time.time() > deadline:
+            stop(server, 120)
+            raise AssertionError(
                 f"Ray Serve did not start in 10 minutes; {available_memory()}; its log ends:\n"
                 + log_path.read_text()[-6000:]
             )
-            time.sleep(3)
-        text = TEXT.read_text()
-        conversations = [[{"role": "system", "content": "You are a helpful assistant."}]
-                         for _ in range(2)]  # fmt: skip
-        for turn in range(4):
+        time.sleep(3)
+    return server
+
+
+@pytest.mark.timeout(1500)
+def test_ray_serve_conversations_past_the_context_resume_their_streams(smollm2, tmp_path):
+    """Two replicas behind Ray Serve's prefix-affinity router, sharing a snapshot directory;
+    two conversations of four turns each, past a context cut to 1,024 positions. Each
+    conversation stays on one replica, so every turn after the first resumes its stream's
+    snapshot; after the deployment restarts, the next turn of each resumes from the
+    directory on whichever replica the router picks."""
+    from openai import OpenAI
+
+    model = with_short_context(smollm2, 1024, tmp_path / "smollm2-1k")
+    port, snapshots = free_port(), tmp_path / "snapshots"
+    text = TEXT.read_text()
+    conversations = [[{"role": "system", "content": "You are a helpful assistant."}]
+                     for _ in range(2)]  # fmt: skip
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", timeout=300)
+
+    def take_turns(turns: range) -> None:
+        for turn in turns:
             for c, messages in enumerate(conversations):
                 start = 50_000 * c + 1_500 * turn
                 messages.append({"role": "user", "content": "Summarize in one sentence:\n"
@@ -143,6 +151,11 @@ def test_ray_serve_conversations_past_the_context_resume_their_streams(smollm2, 
                 assert answer.strip(), f"empty answer, conversation {c}, turn {turn + 1}"
                 messages.append({"role": "assistant", "content": answer})
         assert reply.usage.prompt_tokens > 1024  # the last history is past the context
+
+    before = set(serve_boards())
+    server = start_ray_serve(model, port, snapshots, tmp_path / "ray_serve.log")
+    try:
+        take_turns(range(4))
         boards = {p: f for p, f in serve_boards().items() if p not in before}
         print("engine boards:", list(boards.values()))
         assert len(boards) == 2
@@ -154,3 +167,14 @@ def test_ray_serve_conversations_past_the_context_resume_their_streams(smollm2, 
         assert response.status_code == 400, response.text
     finally:
         stop(server, 120)  # the example stops its replicas on SIGTERM
+
+    before = set(serve_boards())
+    server = start_ray_serve(model, port, snapshots, tmp_path / "ray_serve_again.log")
+    try:
+        take_turns(range(4, 5))
+        boards = {p: f for p, f in serve_boards().items() if p not in before}
+        print("engine boards after the restart:", list(boards.values()))
+        assert sum(f["snapshot_hits"] for f in boards.values()) == 2
+        assert sum(f["snapshot_hits_disk"] for f in boards.values()) == 2
+    finally:
+        stop(server, 120)
