@@ -43,8 +43,9 @@ KV_MANAGER = "vllm.v1.core.single_type_kv_cache_manager"
 BLOCK_TABLE = "vllm.v1.worker.block_table"
 SCHEDULER = "vllm.v1.core.sched.scheduler"
 WORKER_ADAPTER = "worker.vllm_runner"
-OUR_SCHEDULER = "vllm_sink.scheduler.scheduler:StreamingSchedulerMixin"
-OUR_KV_MANAGER = "vllm_sink.scheduler.kv_cache:_StreamingManager"
+SCHEDULER_DOOR = "scheduler.vllm_scheduler"
+OUR_SCHEDULER = "vllm_sink.scheduler.vllm_scheduler:SchedulerDoor"
+OUR_KV_MANAGER = "vllm_sink.scheduler.vllm_scheduler:KVManagerDoor"
 OUR_RUNNER = "vllm_sink.worker.model_runner:StreamingModelRunnerMixin"
 
 INTERNALS: tuple[Internal, ...] = (
@@ -96,28 +97,28 @@ INTERNALS: tuple[Internal, ...] = (
         for name in ("req_ids", "num_computed_tokens", "resumed_req_ids", "all_token_ids")
     ),
     # The scheduler, subclassed (set through the public ``scheduler_cls``) and read.
-    Internal(SCHEDULER, "Scheduler", "make_stats", "method", (), "scheduler.scheduler",
+    Internal(SCHEDULER, "Scheduler", "make_stats", "method", (), SCHEDULER_DOOR,
              override=OUR_SCHEDULER),
     Internal(SCHEDULER, "Scheduler", "finish_requests", "method",
-             ("request_ids", "finished_status"), "scheduler.scheduler", override=OUR_SCHEDULER),
+             ("request_ids", "finished_status"), SCHEDULER_DOOR, override=OUR_SCHEDULER),
     *(
-        Internal(SCHEDULER, "Scheduler", name, "attribute", (), "scheduler.scheduler")
-        for name in ("kv_cache_manager", "log_stats", "vllm_config", "running")
+        Internal(SCHEDULER, "Scheduler", name, "attribute", (), SCHEDULER_DOOR)
+        for name in ("kv_cache_manager", "kv_cache_config", "log_stats", "vllm_config", "running")
     ),
     # The engine's DP rank, which a non-MoE DP engine keeps only here (its board's name).
     Internal("vllm.config.parallel", "ParallelConfig", "data_parallel_index", "field", (),
-             "scheduler.scheduler"),
+             SCHEDULER_DOOR),
     # Snapshots: a finished request's blocks kept, and handed over as a cache hit.
     Internal(SCHEDULER, "Scheduler", "_free_request_blocks", "method", ("request",),
-             "scheduler.scheduler", override=OUR_SCHEDULER),
+             SCHEDULER_DOOR, override=OUR_SCHEDULER),
     Internal(SCHEDULER, "Scheduler", "_request_blocks_can_be_freed", "method", ("request",),
-             "scheduler.scheduler"),
+             SCHEDULER_DOOR),
     Internal(SCHEDULER, "Scheduler", "_get_local_prefix_cache_hit", "method", ("request",),
-             "scheduler.scheduler", override=OUR_SCHEDULER, call_args=1, returns=4),
-    Internal(SCHEDULER, "Scheduler", "schedule", "method", (), "scheduler.scheduler",
+             SCHEDULER_DOOR, override=OUR_SCHEDULER, call_args=1, returns=4),
+    Internal(SCHEDULER, "Scheduler", "schedule", "method", (), SCHEDULER_DOOR,
              override=OUR_SCHEDULER),
     *(
-        Internal("vllm.v1.request", "Request", name, "attribute", (), "scheduler.vllm_scheduler")
+        Internal("vllm.v1.request", "Request", name, "attribute", (), SCHEDULER_DOOR)
         for name in (
             "all_token_ids", "num_computed_tokens", "num_tokens", "cache_salt", "lora_request",
             "mm_features", "prompt_embeds", "skip_reading_prefix_cache", "sampling_params",
@@ -126,65 +127,69 @@ INTERNALS: tuple[Internal, ...] = (
         )
     ),
     Internal("vllm.v1.core.kv_cache_manager", "KVCacheManager", "create_kv_cache_blocks",
-             "method", ("blocks",), "scheduler.scheduler", call_args=1),
+             "method", ("blocks",), SCHEDULER_DOOR, call_args=1),
     Internal(KV_MANAGER, "SingleTypeKVCacheManager", "add_local_computed_blocks", "method",
              ("request_id", "new_computed_blocks", "num_local_computed_tokens",
-              "num_external_computed_tokens"), "scheduler.kv_cache", override=OUR_KV_MANAGER),
+              "num_external_computed_tokens"), SCHEDULER_DOOR, override=OUR_KV_MANAGER),
     Internal(KV_MANAGER, "SingleTypeKVCacheManager", "_has_partial_local_hit", "method",
-             ("new_computed_blocks", "num_local_computed_tokens"), "scheduler.kv_cache",
+             ("new_computed_blocks", "num_local_computed_tokens"), SCHEDULER_DOOR,
              override=OUR_KV_MANAGER),
     Internal(KV_MANAGER, "SingleTypeKVCacheManager", "pop_blocks_for_free", "method",
-             ("request_id",), "scheduler.kv_cache", call_args=1),
+             ("request_id",), SCHEDULER_DOOR, call_args=1),
     Internal(KV_MANAGER, "SingleTypeKVCacheManager", "allocate_new_blocks", "method",
-             ("request_id", "num_tokens", "num_tokens_main_model"), "scheduler.kv_cache",
+             ("request_id", "num_tokens", "num_tokens_main_model"), SCHEDULER_DOOR,
              override=OUR_KV_MANAGER, call_args=3),
     Internal(KV_MANAGER, "SingleTypeKVCacheManager", "free", "method", ("request_id",),
-             "scheduler.kv_cache", override=OUR_KV_MANAGER, call_args=1),
+             SCHEDULER_DOOR, override=OUR_KV_MANAGER, call_args=1),
     *(
         Internal(KV_MANAGER, "SingleTypeKVCacheManager", name, "attribute", (),
-                 "scheduler.kv_cache")
+                 SCHEDULER_DOOR)
         for name in ("num_cached_block", "block_pool")
     ),
     Internal("vllm.v1.core.block_pool", "BlockPool", "unpin_blocks", "method",
-             ("blocks", "on_reuse"), "scheduler.snapshot_keeper", call_args=2),
+             ("blocks", "on_reuse"), SCHEDULER_DOOR, call_args=2),
     Internal("vllm.v1.core.block_pool", "BlockPool", "touch", "method", ("blocks",),
-             "scheduler.snapshot_keeper", call_args=1),
+             SCHEDULER_DOOR, call_args=1),
     Internal("vllm.v1.core.block_pool", "BlockPool", "get_new_blocks", "method",
-             ("num_blocks",), "scheduler.snapshot_keeper", call_args=1),
+             ("num_blocks",), SCHEDULER_DOOR, call_args=1),
+    Internal("vllm.v1.core.block_pool", "BlockPool", "get_num_free_blocks", "method", (),
+             SCHEDULER_DOOR, call_args=0),
     Internal("vllm.v1.core.block_pool", "BlockPool", "null_block", "attribute", (),
-             "scheduler.snapshot_keeper"),
+             SCHEDULER_DOOR),
     Internal("vllm.v1.core.block_pool", "BlockPool", "free_blocks", "method",
-             ("ordered_blocks",), "scheduler.kv_cache", call_args=1),
+             ("ordered_blocks",), SCHEDULER_DOOR, call_args=1),
     Internal(KV_MANAGER, "SingleTypeKVCacheManager", "get_num_blocks_to_allocate", "method",
-             ("request_id", "num_tokens", "new_computed_blocks"), "scheduler.kv_cache",
+             ("request_id", "num_tokens", "new_computed_blocks"), SCHEDULER_DOOR,
              override=OUR_KV_MANAGER),
     *(
         Internal(SCHED_OUTPUT, "NewRequestData", name, "field", (), WORKER_ADAPTER)
         for name in ("sampling_params", "block_ids", "num_computed_tokens", "prompt_token_ids")
     ),
     *(
-        Internal(SCHED_OUTPUT, "NewRequestData", name, "field", (), "scheduler.scheduler")
-        for name in ("sampling_params", "num_computed_tokens")
+        Internal(SCHED_OUTPUT, "NewRequestData", name, "field", (), SCHEDULER_DOOR)
+        for name in ("req_id", "prompt_token_ids", "sampling_params", "num_computed_tokens")
     ),
     Internal("vllm.v1.core.kv_cache_manager", "KVCacheManager", "coordinator", "attribute", (),
-             "scheduler.vllm_scheduler"),
+             SCHEDULER_DOOR),
     Internal("vllm.v1.core.kv_cache_coordinator", "KVCacheCoordinator", "single_type_managers",
-             "attribute", (), "scheduler.vllm_scheduler"),
+             "attribute", (), SCHEDULER_DOOR),
     Internal("vllm.config.vllm", "VllmConfig", "instance_id", "field", (),
-             "scheduler.scheduler"),
+             SCHEDULER_DOOR),
     # The scheduler's per-kind KV manager, subclassed.
     Internal(KV_MANAGER, "SingleTypeKVCacheManager", "_remove_blocks_in_range", "method",
-             (), "scheduler.kv_cache", call_args=3),
+             (), SCHEDULER_DOOR, call_args=3),
     Internal(KV_MANAGER, "SingleTypeKVCacheManager", "remove_skipped_blocks", "method",
-             ("request_id", "processed_computed_tokens"), "scheduler.kv_cache",
+             ("request_id", "processed_computed_tokens"), SCHEDULER_DOOR,
              override=OUR_KV_MANAGER),
     Internal(KV_MANAGER, "SingleTypeKVCacheManager", "__init__", "method",
-             ("kv_cache_spec", "max_admission_blocks_per_request"), "scheduler.kv_cache",
+             ("kv_cache_spec", "max_admission_blocks_per_request"), SCHEDULER_DOOR,
              override=OUR_KV_MANAGER),
+    Internal(KV_MANAGER, "SingleTypeKVCacheManager", "find_longest_cache_hit", "method", (),
+             SCHEDULER_DOOR, override=OUR_KV_MANAGER),
     Internal(KV_MANAGER, "SingleTypeKVCacheManager", "req_to_blocks", "attribute", (),
-             "scheduler.kv_cache"),
+             SCHEDULER_DOOR),
     Internal("vllm.v1.kv_cache_spec_registry", "KVCacheSpecRegistry", "_ensure_registered",
-             "method", (), "scheduler.vllm_scheduler"),
+             "method", (), SCHEDULER_DOOR),
     # Elsewhere.
     Internal("vllm.v1.worker.cpu_worker", "CPUWorker", "init_device", "method", (),
              "worker.cpu_worker", override="vllm_sink.worker.cpu_worker:StreamingCPUWorker"),

@@ -13,25 +13,31 @@ Freed blocks go straight back to the block pool for any request to reuse.
 Each manager caps admission at its per-stream bound, so a prompt of any
 length is admitted once that bound fits. :class:`StreamingManagers` is what
 the scheduler sees of them together: snapshots and figures.
+
+vLLM's calls reach the managers through
+:class:`~vllm_sink.scheduler.vllm_scheduler.KVManagerDoor`, whose hooks they
+implement; what is here is the streaming policy alone.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, SlidingWindowSpec
 
 from vllm_sink.core.policy import SinkWindowPolicy, _cdiv
 from vllm_sink.scheduler.snapshot_keeper import SnapshotKeeper, TierSizes
-from vllm_sink.scheduler.vllm_scheduler import register_builtin_specs
+from vllm_sink.scheduler.vllm_scheduler import (
+    Block,
+    KVManagerDoor,
+    Row,
+    register_builtin_specs,
+)
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
-    from vllm.v1.core.kv_cache_utils import KVCacheBlock
 
     from vllm_sink.scheduler.snapshot_directory import SnapshotDirectory
 
@@ -132,36 +138,28 @@ class StreamProgress:
     """Blocks ``1 ..`` this one ``- 1`` are freed (null placeholders in the row)."""
 
 
-class _StreamingManager(SingleTypeKVCacheManager):
+class _StreamingManager(KVManagerDoor):
     """Frees a stream's blocks below :meth:`first_held_block`; resumes snapshots by copy.
 
     Streams run with vLLM's prefix caching off (start-up refuses it): blocks
     are never cached by their token prefix. A finished stream's blocks may
     instead be kept whole as a snapshot (:mod:`vllm_sink.scheduler.snapshot_keeper`),
     which the scheduler offers to a request that continues the stream as a
-    cache hit; the request gets a copy of them.
+    cache hit; the request gets a copy of them (:meth:`SnapshotKeeper.hand_over`).
     """
 
     def __init__(self, kv_cache_spec: _StreamingSpec, *args, **kwargs) -> None:
         self.policy = kv_cache_spec.policy
-        arguments = inspect.signature(SingleTypeKVCacheManager.__init__).bind(
-            self, kv_cache_spec, *args, **kwargs
-        )
-        arguments.arguments["max_admission_blocks_per_request"] = self.max_blocks_per_stream(
-            kv_cache_spec
-        )
-        super().__init__(*arguments.args[1:], **arguments.kwargs)
+        super().__init__(kv_cache_spec, *args, **kwargs)
         self._progress: dict[str, StreamProgress] = {}
         self.peak_resident_blocks = 0
         """Most blocks any one request has held at once (for tests and metrics)."""
         self.num_evicted_blocks = 0
         """Blocks returned to the pool so far."""
         self.snapshots: SnapshotKeeper | None = None
-        """Finished streams kept for the requests that continue them, shared by all groups
-        (set by :class:`StreamingManagers`)."""
-
-    def max_blocks_per_stream(self, spec: _StreamingSpec) -> int:
-        raise NotImplementedError
+        """Finished streams kept for the requests that continue them, shared by all groups.
+        vLLM builds the managers before the scheduler makes it: :class:`StreamingManagers`
+        sets it."""
 
     def first_held_block(self, num_computed_tokens: int) -> int:
         """The request's first block after the head that a step starting at ``n`` needs."""
@@ -180,17 +178,12 @@ class _StreamingManager(SingleTypeKVCacheManager):
 
     def resident_blocks(self, request_id: str) -> int:
         """Blocks the request holds now (freed slots are null placeholders)."""
-        blocks = self.req_to_blocks.get(request_id, ())
+        blocks = self.blocks_of(request_id)
         progress = self._progress.get(request_id)
         return len(blocks) - (progress.freed_until - 1 if progress else 0)
 
-    def remove_skipped_blocks(
-        self,
-        request_id: str,
-        processed_computed_tokens: int,
-        num_prompt_tokens: int | None = None,
-    ) -> None:
-        n = processed_computed_tokens
+    def step_starts(self, request_id: str, num_computed_tokens: int) -> None:
+        n = num_computed_tokens
         state = self.cache_state(n)
         progress = self._progress.get(request_id)
         if progress is None:
@@ -198,69 +191,38 @@ class _StreamingManager(SingleTypeKVCacheManager):
         elif state != progress.state:
             progress.state, progress.since = state, n
         progress.tokens = n
-        first_held = min(self.first_held_block(n), len(self.req_to_blocks.get(request_id, ())))
+        first_held = min(self.first_held_block(n), len(self.blocks_of(request_id)))
         if first_held > progress.freed_until:
-            self._remove_blocks_in_range(request_id, 1, first_held)
+            self.free_row_range(request_id, 1, first_held)
             self.num_evicted_blocks += first_held - progress.freed_until
             progress.freed_until = first_held
 
-    def allocate_new_blocks(
-        self, request_id: str, num_tokens: int, num_tokens_main_model: int
-    ) -> list[KVCacheBlock]:
-        new_blocks = super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
+    def blocks_allocated(self, request_id: str) -> None:
         self.peak_resident_blocks = max(self.peak_resident_blocks, self.resident_blocks(request_id))
-        return new_blocks
 
-    def free(self, request_id: str) -> None:
-        super().free(request_id)
+    def stream_freed(self, request_id: str) -> None:
         self._progress.pop(request_id, None)
 
     # ---------------------------------------------------------------- snapshots
-    def pop_snapshot_blocks(self, request_id: str, held: int) -> tuple[tuple, StreamProgress]:
+    def pop_snapshot_blocks(self, request_id: str, held: int) -> tuple[Row, StreamProgress]:
         """Take a finished request's first ``held`` blocks for a snapshot; free the rest."""
-        blocks = self.pop_blocks_for_free(request_id)
-        self.block_pool.free_blocks(reversed(blocks[held:]))  # past the computed tokens
+        blocks = self.pop_row(request_id)
+        self.free_to_pool(reversed(blocks[held:]))  # past the computed tokens
         return tuple(blocks[:held]), self._progress.pop(request_id)
 
-    def get_num_blocks_to_allocate(
-        self, request_id: str, num_tokens: int, new_computed_blocks, *args, **kwargs
-    ) -> int:
-        """vLLM's count, plus the copies of a snapshot the request resumes."""
-        needed = super().get_num_blocks_to_allocate(
-            request_id, num_tokens, new_computed_blocks, *args, **kwargs
-        )
-        return needed + sum(not block.is_null for block in new_computed_blocks)
+    def hit_copies(self, hit: Sequence[Block]) -> int:
+        """A copy of each block of the snapshot the request resumes (null ones aside)."""
+        return sum(not block.is_null for block in hit)
 
-    def _has_partial_local_hit(self, new_computed_blocks, num_local_computed_tokens) -> bool:
-        # The whole hit is copied (see add_local_computed_blocks), its last block too.
-        return False
-
-    def add_local_computed_blocks(
-        self,
-        request_id: str,
-        new_computed_blocks: Sequence[KVCacheBlock],
-        num_local_computed_tokens: int,
-        num_external_computed_tokens: int,
-    ) -> None:
-        """Give the request a copy of this group's blocks of the snapshot the scheduler found.
-
-        The hit may stop short of the snapshot's end (inside the span its
-        cache has not changed since): blocks past the hit are not copied.
-        """
-        length = num_local_computed_tokens
-        snapshot = self.snapshots.snapshot_of(new_computed_blocks[0]) if self.snapshots else None
+    def take_hit(self, request_id: str, hit: Sequence[Block], num_tokens: int) -> None:
+        """The request resumes the snapshot whose blocks ``hit`` are, at ``num_tokens``: it
+        gets a copy of them and the stream's progress there."""
+        length = num_tokens
         group = self.kv_cache_group_id
-        if snapshot is None or not (
-            snapshot.stream_length(snapshot.resumable_from)
-            <= length
-            <= snapshot.stream_length(snapshot.num_tokens)
-            and tuple(new_computed_blocks) == self.snapshots.pool_row(snapshot, group, length)
-        ):
+        if self.snapshots is None:
             raise RuntimeError(f"vllm-sink: no snapshot for the cache hit of {request_id}")
-        req_blocks = self.req_to_blocks[request_id]
-        assert not req_blocks, "a snapshot goes to a request that holds no blocks yet"
-        req_blocks.extend(self.snapshots.copy_row(new_computed_blocks))
-        self.num_cached_block[request_id] = len(req_blocks)
+        snapshot, blocks = self.snapshots.hand_over(request_id, hit, group, length)
+        self.hold_computed(request_id, blocks)
         state = self.cache_state(length)
         unchanged_since = snapshot.stream_length(snapshot.resumable_from)
         since = unchanged_since if state == self.cache_state(unchanged_since) else length
@@ -268,12 +230,7 @@ class _StreamingManager(SingleTypeKVCacheManager):
             length, state, since, snapshot.freed_until[group]
         )
         # Free what the stream evicts before its first step as this request.
-        self.remove_skipped_blocks(request_id, length)
-
-    @classmethod
-    def find_longest_cache_hit(cls, *args, **kwargs):
-        """Abstract in the base class; vLLM calls it only with prefix caching on."""
-        raise NotImplementedError("vllm-sink streams run with prefix caching off")
+        self.step_starts(request_id, length)
 
 
 class StreamingSinkManager(_StreamingManager):
@@ -313,7 +270,7 @@ class StreamingSlidingManager(_StreamingManager):
 class StreamingManagers:
     """The scheduler's view of an engine's streaming groups: one sink group, any sliding ones."""
 
-    def __init__(self, managers: Sequence[SingleTypeKVCacheManager]) -> None:
+    def __init__(self, managers: Sequence[KVManagerDoor]) -> None:
         if not all(isinstance(m, _StreamingManager) for m in managers):
             kinds = sorted({type(m).__name__ for m in managers})
             raise RuntimeError(f"vllm-sink: KV cache groups of other kinds: {kinds}")
@@ -348,13 +305,13 @@ class StreamingManagers:
         if (
             self.snapshots.capacity <= 0
             or not tokens
-            or not all(m.req_to_blocks.get(request_id) for m in self.groups)
+            or not all(m.blocks_of(request_id) for m in self.groups)
             or not all(m.progress(request_id) for m in self.groups)
         ):
             return False
         held = _cdiv(len(tokens) - cut, self.sinks.block_size)
         if running:
-            taken = [(tuple(m.req_to_blocks[request_id][:held]), m.progress(request_id))
+            taken = [(tuple(m.blocks_of(request_id)[:held]), m.progress(request_id))
                      for m in self.groups]  # fmt: skip
         else:
             taken = [m.pop_snapshot_blocks(request_id, held) for m in self.groups]

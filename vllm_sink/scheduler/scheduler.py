@@ -2,8 +2,10 @@
 
 * A finished stream's blocks are kept as a snapshot instead of freed, and a new
   request whose prompt begins with a snapshot's tokens gets a copy of it as its
-  cache hit (vLLM's own prefix-hit path: ``_get_local_prefix_cache_hit``),
-  prefilling only the rest (:mod:`vllm_sink.core.snapshots`). The worker
+  cache hit (vLLM's own prefix-hit path, which
+  :class:`~vllm_sink.scheduler.vllm_scheduler.SchedulerDoor` turns into
+  :meth:`StreamingSchedulerMixin.resume_hit`), prefilling only the rest
+  (:mod:`vllm_sink.core.snapshots`). The worker
   learns which stream it continues from the request's ``extra_args``
   (:data:`~vllm_sink.core.snapshots.RESUME_KEY`), and what to copy from
   the ops each step carries (:mod:`vllm_sink.core.snapshot_ops`).
@@ -15,7 +17,9 @@
   manager and written to this engine core's board (:mod:`vllm_sink.metrics`),
   which the API server reads for ``/metrics``.
 
-Set through vLLM's ``scheduler_cls`` by :mod:`vllm_sink.frontend.engine_setup`.
+Set through vLLM's ``scheduler_cls`` by :mod:`vllm_sink.frontend.engine_setup`. What it
+reads or overrides of vLLM's scheduler goes through
+:class:`~vllm_sink.scheduler.vllm_scheduler.SchedulerDoor`, whose hooks it implements.
 """
 
 from __future__ import annotations
@@ -24,31 +28,42 @@ import hashlib
 import time
 from collections import Counter
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from vllm.logger import init_logger
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from vllm_sink.config import GIB, streaming_policy, streaming_settings
-from vllm_sink.core.snapshots import resume_source
 from vllm_sink.core.uncached_prompts import CutPrompt, cut_tokens, tokens_to_cut
 from vllm_sink.metrics import StreamingBoard, engine_key
 from vllm_sink.scheduler.kv_cache import StreamingManagers
 from vllm_sink.scheduler.snapshot_directory import open_snapshot_directory
 from vllm_sink.scheduler.snapshot_keeper import TierSizes
 from vllm_sink.scheduler.vllm_scheduler import (
-    attach_snapshot_ops,
+    Row,
+    ScheduledRequest,
+    SchedulerDoor,
+    all_tokens,
     computed_prompt,
     cuttable,
     kv_bytes_per_block,
     mark_resumed,
+    num_computed_tokens,
     output_tokens,
+    prompt_tokens,
+    reads_cache,
     replace_prompt,
     request_salt,
     resumable,
     running_requests,
-    single_type_managers,
     sink_key_bytes,
 )
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+    from vllm_sink.core.snapshot_ops import SnapshotOp
 
 logger = init_logger("vllm.vllm_sink")
 
@@ -56,15 +71,19 @@ PUBLISH_INTERVAL_S = 0.5
 """How often a busy scheduler refreshes the figures (they cost O(streams) to make)."""
 
 
-class StreamingSchedulerMixin:
-    """Mixed in front of a vLLM scheduler class."""
+class StreamingSchedulerMixin(SchedulerDoor):
+    """Mixed in front of a vLLM scheduler class: the hooks its door calls."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        config = self.vllm_config
+    def streaming_setup(
+        self,
+        config: VllmConfig,
+        kv_cache_config: KVCacheConfig,
+        managers: tuple[Any, ...],
+        engine: tuple[str, int] | None,
+    ) -> None:
         # The worker gives every layer a streaming spec (or refuses the model).
-        self.streaming = StreamingManagers(single_type_managers(self))
-        self._enable_snapshots()
+        self.streaming = StreamingManagers(managers)
+        self._enable_snapshots(config, kv_cache_config)
         self.snapshot_hits = self.snapshot_misses = self.snapshot_tokens_skipped = 0
         self.tier_hits: Counter[str] = Counter()
         """Resumes, by the tier their snapshot was found in."""
@@ -78,29 +97,25 @@ class StreamingSchedulerMixin:
         self.prompts_cut = self.prompt_tokens_cut = 0
         self._board: StreamingBoard | None = None
         self._published_at = 0.0
-        if self.log_stats:
-            # The engine's DP rank as vLLM's front end labels it (a non-MoE DP
-            # engine runs as DP=1, its ``data_parallel_rank`` reset to 0).
-            engine = config.parallel_config.data_parallel_index
-            self._board = StreamingBoard.create(engine_key(config.instance_id, engine))
+        if engine is not None:
+            self._board = StreamingBoard.create(engine_key(*engine))
             self.publish_streaming_figures()
 
     # ---------------------------------------------------------------- snapshots
-    def _enable_snapshots(self) -> None:
-        config = self.vllm_config
+    def _enable_snapshots(self, config: VllmConfig, kv_cache_config: KVCacheConfig) -> None:
         policy, settings = streaming_policy(config), streaming_settings(config)
         ranks = config.parallel_config.tensor_parallel_size
         sizes = TierSizes(
             pool_snapshots=settings.snapshots,
             host_bytes=int(settings.host_size * GIB / ranks),
             disk_bytes=int(settings.dir_size * GIB) if settings.directory else 0,
-            bytes_per_block=kv_bytes_per_block(self.kv_cache_config),
-            sink_key_bytes=sink_key_bytes(self.kv_cache_config, policy.sinks),
+            bytes_per_block=kv_bytes_per_block(kv_cache_config),
+            sink_key_bytes=sink_key_bytes(kv_cache_config, policy.sinks),
             ranks=ranks,
         )
         salt, disk = engine_salt(config.model_config.model, policy), None
         if settings.directory and settings.snapshots and sizes.disk_bytes:
-            disk = open_snapshot_directory(settings.directory, config, self.kv_cache_config, policy)
+            disk = open_snapshot_directory(settings.directory, config, kv_cache_config, policy)
         elif settings.directory:
             logger.warning(
                 "vllm-sink: snapshots are not kept on disk: --streaming-snapshot-dir-size is 0"
@@ -138,14 +153,14 @@ class StreamingSchedulerMixin:
         sent them (a cut prompt whole)."""
         cut = self._cut_prompts.get(request.request_id)
         skipped = cut.cut if cut else 0
-        tokens = self._whole_tokens(request)[: request.num_computed_tokens + skipped]
+        tokens = self._whole_tokens(request)[: num_computed_tokens(request) + skipped]
         return self.streaming.keep_snapshot(
             request.request_id, tokens, request_salt(request), running=running, cut=skipped
         )
 
     def _whole_tokens(self, request) -> Sequence[int]:
         cut = self._cut_prompts.get(request.request_id)
-        return cut.whole_tokens(output_tokens(request)) if cut else request.all_token_ids
+        return cut.whole_tokens(output_tokens(request)) if cut else all_tokens(request)
 
     def _cut_prompt(self, request, cut: int) -> None:
         """Leave out ``cut`` tokens after the sinks of the request's whole prompt (0: none)."""
@@ -153,31 +168,22 @@ class StreamingSchedulerMixin:
         previous = self._cut_prompts.pop(request_id, None)
         if previous is None and not cut:
             return
-        whole = previous.whole_prompt if previous else tuple(request.prompt_token_ids)
+        whole = previous.whole_prompt if previous else tuple(prompt_tokens(request))
         replace_prompt(request, cut_tokens(whole, self.sink_policy.sinks, cut))
         if cut:
             self._cut_prompts[request_id] = CutPrompt(whole, cut)
 
-    def _free_request_blocks(self, request) -> None:
+    def keep_request_blocks(self, request, finished: bool) -> bool:
+        """A finished stream's blocks are kept as its snapshot (if it has one to keep)."""
         self._resumed_from_tier.pop(request.request_id, None)
         self._prompts_kept.discard(request.request_id)
-        kept = (
-            request.is_finished()
-            and resumable(request)
-            and self._request_blocks_can_be_freed(request)
-            and self._keep_snapshot(request)
-        )
+        kept = finished and resumable(request) and self._keep_snapshot(request)
         self._cut_prompts.pop(request.request_id, None)
-        if not kept:
-            super()._free_request_blocks(request)
+        return kept
 
-    def _get_local_prefix_cache_hit(self, request, max_cache_hit_length: int | None = None):
-        """vLLM's (empty) prefix-cache hit, or the snapshot that resumes the most of the prompt.
-
-        vLLM 0.33 passes ``max_cache_hit_length``; 0.32 does not.
-        """
-        limit = () if max_cache_hit_length is None else (max_cache_hit_length,)
-        hit = super()._get_local_prefix_cache_hit(request, *limit)  # prefix caching is off
+    def resume_hit(self, request, max_tokens: int | None) -> tuple[tuple[Row, ...], int] | None:
+        """The snapshot that resumes the most of the request's prompt, its copy to be the
+        cache hit; or ``None``, the prompt cut if it is long and cuttable."""
         snapshots = self.streaming.snapshots
         tokens = self._whole_tokens(request)
         whole_prompt = len(tokens) - len(output_tokens(request))
@@ -187,11 +193,11 @@ class StreamingSchedulerMixin:
         elif self.cut_uncached and cuttable(request):
             cut = tokens_to_cut(self.sink_policy, len(tokens), whole_prompt)
         found = None
-        if len(snapshots) and resumable(request) and not request.skip_reading_prefix_cache:
+        if len(snapshots) and resumable(request) and reads_cache(request):
             # At least the last prompt token is computed again, for its logits.
             last = len(tokens) - 1
-            if max_cache_hit_length is not None:
-                last = min(last, max_cache_hit_length)
+            if max_tokens is not None:
+                last = min(last, max_tokens)
             # Worth resuming only if it leaves no more to compute than a cut prompt.
             found = snapshots.resume(tokens, request_salt(request), last, min_tokens=max(cut, 1))
             if found and found[0].skipped > whole_prompt - self.sink_policy.sinks - 1:
@@ -199,50 +205,44 @@ class StreamingSchedulerMixin:
         mark_resumed(request, found[0] if found else None)
         if found is None:
             self._cut_prompt(request, cut)
-            return hit
+            return None
         snapshot, length, rows, tier = found
         self._cut_prompt(request, snapshot.skipped)
         self._resumed_from_tier[request.request_id] = tier
-        blocks = self.kv_cache_manager.create_kv_cache_blocks(tuple(list(row) for row in rows))
-        return blocks, snapshot.stream_length(length), 0, False
+        return rows, snapshot.stream_length(length)
 
-    def schedule(self, *args, **kwargs):
+    def before_schedule(self) -> None:
         self.streaming.snapshots.maybe_scan()
         self._keep_computed_prompts()
-        output = super().schedule(*args, **kwargs)
-        attach_snapshot_ops(output, self.streaming.snapshots.take_ops())
-        for new in output.scheduled_new_reqs:
-            tier = self._resumed_from_tier.pop(new.req_id, None)
-            if not new.num_computed_tokens:
-                self.snapshot_misses += 1
-                if new.req_id in self._cut_prompts:
-                    self.prompts_cut += 1
-                    self.prompt_tokens_cut += self._cut_prompts[new.req_id].cut
-            elif resume_source(new.sampling_params) is not None:
-                self.snapshot_hits += 1
-                self.tier_hits[tier] += 1
-                self.snapshot_tokens_skipped += new.num_computed_tokens
-            else:
-                continue  # a streaming-input session's next input, its own cache kept
-            logger.debug(
-                "vllm-sink: request %s: %d prompt tokens, %d resumed from a snapshot (%s)",
-                new.req_id,
-                len(new.prompt_token_ids or ()),
-                new.num_computed_tokens,
-                tier or "none",
-            )
-        return output
+
+    def step_ops(self) -> list[SnapshotOp]:
+        return self.streaming.snapshots.take_ops()
+
+    def request_scheduled(self, request: ScheduledRequest) -> None:
+        """Count a new request's resume (or miss), by the tier its snapshot came from."""
+        tier = self._resumed_from_tier.pop(request.request_id, None)
+        if not request.computed_tokens:
+            self.snapshot_misses += 1
+            if request.request_id in self._cut_prompts:
+                self.prompts_cut += 1
+                self.prompt_tokens_cut += self._cut_prompts[request.request_id].cut
+        elif request.resumes_snapshot:
+            self.snapshot_hits += 1
+            self.tier_hits[tier] += 1
+            self.snapshot_tokens_skipped += request.computed_tokens
+        else:
+            return  # a streaming-input session's next input, its own cache kept
+        logger.debug(
+            "vllm-sink: request %s: %d prompt tokens, %d resumed from a snapshot (%s)",
+            request.request_id,
+            request.prompt_tokens,
+            request.computed_tokens,
+            tier or "none",
+        )
 
     # ------------------------------------------------------------------ metrics
-    def make_stats(self, *args, **kwargs):
-        stats = super().make_stats(*args, **kwargs)
+    def figures_changed(self) -> None:
         self.publish_streaming_figures(when_due=True)
-        return stats
-
-    def finish_requests(self, *args, **kwargs):
-        finished = super().finish_requests(*args, **kwargs)
-        self.publish_streaming_figures(when_due=True)
-        return finished
 
     def streaming_figures(self) -> dict[str, int]:
         streaming, snapshots = self.streaming, self.streaming.snapshots

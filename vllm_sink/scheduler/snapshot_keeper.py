@@ -29,7 +29,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vllm_sink.core.snapshot_file import snapshot_fields
 from vllm_sink.core.snapshot_ops import (
@@ -43,15 +43,18 @@ from vllm_sink.core.snapshot_ops import (
     SpillSnapshot,
 )
 from vllm_sink.core.snapshots import Snapshot, SnapshotIndex
+from vllm_sink.scheduler.vllm_scheduler import (
+    Block,
+    Row,
+    free_block_count,
+    free_readable,
+    hold_blocks,
+    new_blocks,
+    null_block,
+)
 
 if TYPE_CHECKING:
-    from vllm.v1.core.block_pool import BlockPool
-    from vllm.v1.core.kv_cache_utils import KVCacheBlock
-
     from vllm_sink.scheduler.snapshot_directory import SnapshotDirectory
-
-Row = tuple["KVCacheBlock", ...]
-"""A request's blocks in one KV cache group, null placeholders where freed."""
 
 TIERS = ("pool", "host", "disk")
 SCAN_INTERVAL_S = 5.0
@@ -84,7 +87,7 @@ class SnapshotKeeper:
 
     def __init__(
         self,
-        block_pool: BlockPool,
+        block_pool: Any,
         block_size: int,
         sizes: TierSizes,
         salt: bytes,
@@ -106,7 +109,7 @@ class SnapshotKeeper:
         """Files being written (not seen in the directory yet), by when they were asked for."""
         self._scanned_at = float("-inf")
         self._key_of_block: dict[int, bytes] = {}
-        self._retained: list[KVCacheBlock] = []
+        self._retained: list[Block] = []
         """Blocks this step's copies read, held until the step is scheduled."""
         self._ops: list[SnapshotOp] = []
         self._restoring: bytes | None = None
@@ -160,7 +163,7 @@ class SnapshotKeeper:
         )
         replaced = self.index.get(snapshot.key)
         if copy:
-            if replaced is not None or self.block_pool.get_num_free_blocks() < len(_live(rows)):
+            if replaced is not None or free_block_count(self.block_pool) < len(_live(rows)):
                 return False
             rows = tuple(tuple(self.copy_row(row)) for row in rows)
         elif replaced is not None:
@@ -178,11 +181,11 @@ class SnapshotKeeper:
         live = _live(rows)
         for block in live:
             self._key_of_block[block.block_id] = snapshot.key
-        self.block_pool.unpin_blocks(live, self._on_reuse)
+        free_readable(self.block_pool, live, self._on_reuse)
         while len(self._pool) > self.capacity:
             self._leave_pool(self.index.get(next(iter(self._pool))))
 
-    def _on_reuse(self, block: KVCacheBlock) -> None:
+    def _on_reuse(self, block: Block) -> None:
         """One of a pool snapshot's blocks is being handed out: the pool gives it up.
 
         Runs inside ``BlockPool.get_new_blocks``: it must not touch the pool.
@@ -207,7 +210,7 @@ class SnapshotKeeper:
         elif snapshot.key not in self._disk:
             self._forget(snapshot)
 
-    def _save(self, snapshot: Snapshot, live: list[KVCacheBlock]) -> None:
+    def _save(self, snapshot: Snapshot, live: list[Block]) -> None:
         """Write a new snapshot to disk (the worker does, in the background)."""
         sizes = self.sizes
         per_rank = (
@@ -330,7 +333,7 @@ class SnapshotKeeper:
         """Restore a host or disk snapshot into fresh pool blocks."""
         groups = range(len(snapshot.freed_until))
         needed = sum(len(snapshot.live_blocks(g)) for g in groups)
-        if self.block_pool.get_num_free_blocks() < 2 * needed:  # and the request's copy
+        if free_block_count(self.block_pool) < 2 * needed:  # and the request's copy
             return False
         files = None
         if tier == "disk":
@@ -341,8 +344,8 @@ class SnapshotKeeper:
                 self._leave(self._disk, snapshot)
                 return False
         self._restoring = snapshot.key  # what this hands out must not evict it
-        fresh = iter(self.block_pool.get_new_blocks(needed))
-        null = self.block_pool.null_block
+        fresh = iter(new_blocks(self.block_pool, needed))
+        null = null_block(self.block_pool)
         rows = []
         for group in groups:
             row = [null] * snapshot.row_length
@@ -356,26 +359,45 @@ class SnapshotKeeper:
         self._restoring = None
         return True
 
-    def snapshot_of(self, block: KVCacheBlock) -> Snapshot | None:
+    def snapshot_of(self, block: Block) -> Snapshot | None:
         """The pool snapshot whose blocks include ``block``."""
         key = self._key_of_block.get(block.block_id)
         return None if key is None else self.index.get(key)
+
+    def hand_over(
+        self, request_id: str, hit: Sequence[Block], group: int, length: int
+    ) -> tuple[Snapshot, list[Block]]:
+        """The snapshot a request resumes at ``length`` tokens, and the request's copy of its
+        blocks ``hit`` in ``group`` (the cache hit the scheduler offered).
+
+        The hit may stop short of the snapshot's end (inside the span its cache
+        has not changed since): blocks past the hit are not copied.
+        """
+        snapshot = self.snapshot_of(hit[0])
+        if snapshot is None or not (
+            snapshot.stream_length(snapshot.resumable_from)
+            <= length
+            <= snapshot.stream_length(snapshot.num_tokens)
+            and tuple(hit) == self.pool_row(snapshot, group, length)
+        ):
+            raise RuntimeError(f"vllm-sink: no snapshot for the cache hit of {request_id}")
+        return snapshot, self.copy_row(hit)
 
     def pool_row(self, snapshot: Snapshot, group: int, length: int) -> Row:
         """The snapshot's pool blocks in ``group`` that hold the first ``length`` tokens of its
         stream."""
         return self._pool[snapshot.key][group][: -(-length // self.block_size)]
 
-    def copy_row(self, row: Sequence[KVCacheBlock]) -> list[KVCacheBlock]:
+    def copy_row(self, row: Sequence[Block]) -> list[Block]:
         """Fresh blocks for a request resuming ``row`` (a snapshot's), filled by a copy.
 
         The pool must have room for them (the KV manager counts them when vLLM
         asks how many blocks the request needs).
         """
         live = [block for block in row if not block.is_null]
-        self.block_pool.touch(live)  # not handed out before the copy has read them
+        hold_blocks(self.block_pool, live)  # not handed out before the copy has read them
         self._retained.extend(live)
-        fresh = iter(self.block_pool.get_new_blocks(len(live)))
+        fresh = iter(new_blocks(self.block_pool, len(live)))
         copy = [block if block.is_null else next(fresh) for block in row]
         self._ops.append(CopyBlocks(_ids(live), _ids([b for b in copy if not b.is_null])))
         return copy
@@ -383,15 +405,15 @@ class SnapshotKeeper:
     def take_ops(self) -> list[SnapshotOp]:
         """The ops for the step just scheduled; the blocks its copies read are released."""
         if self._retained:
-            self.block_pool.unpin_blocks(self._retained, self._on_reuse)
+            free_readable(self.block_pool, self._retained, self._on_reuse)
             self._retained = []
         ops, self._ops = self._ops, []
         return ops
 
 
-def _live(rows: tuple[Row, ...]) -> list[KVCacheBlock]:
+def _live(rows: tuple[Row, ...]) -> list[Block]:
     return [block for row in rows for block in row if not block.is_null]
 
 
-def _ids(blocks: Sequence[KVCacheBlock]) -> tuple[int, ...]:
+def _ids(blocks: Sequence[Block]) -> tuple[int, ...]:
     return tuple(block.block_id for block in blocks)
