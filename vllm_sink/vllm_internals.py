@@ -223,7 +223,12 @@ INTERNALS: tuple[Internal, ...] = (
              ("e",), "patches.shutdown_ends_streams"),
     Internal("vllm.v1.engine.output_processor", "OutputProcessor", "has_unfinished_requests",
              "method", (), "patches.shutdown_ends_streams"),
-    Internal("vllm.envs", "", "_is_envs_cache_enabled", "method", (), "frontend.engine_setup"),
+    Internal("vllm.envs", "", "_is_envs_cache_enabled", "method", (), "frontend.vllm_frontend"),
+    *(
+        Internal("vllm.v1.engine", "EngineCoreRequest", name, "attribute", (),
+                 "frontend.vllm_frontend")
+        for name in ("sampling_params", "prompt_token_ids", "prompt_embeds")
+    ),
     Internal("vllm.model_executor.layers.rotary_embedding.base", "RotaryEmbedding",
              "_compute_cos_sin_cache", "method", (), "core.rerotation"),
     *(

@@ -36,6 +36,7 @@ from vllm_sink.frontend.platforms import (
     prepare_cuda_args,
     streaming_worker,
 )
+from vllm_sink.frontend.vllm_frontend import reread_vllm_envs
 from vllm_sink.metrics import serve_streaming_metrics
 
 if TYPE_CHECKING:
@@ -178,14 +179,6 @@ class StreamLengthAnswer(logging.Filter):
             )
             record.args = (UNLIMITED_STREAM_LEN,)
         return True
-
-
-def reread_vllm_envs() -> None:
-    """Make ``vllm.envs`` see the environment as it is now (it may cache its reads)."""
-    import vllm.envs as envs
-
-    if envs._is_envs_cache_enabled():
-        envs.__getattr__.cache_clear()
 
 
 def position_overshoot(config: VllmConfig) -> int:

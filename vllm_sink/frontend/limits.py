@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vllm_sink.config import UNLIMITED_STREAM_LEN, StreamingSettings
+from vllm_sink.frontend.vllm_frontend import prompt_length, request_sampling_params
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -42,14 +43,9 @@ def bound_open_ended_request(config: VllmConfig, request: EngineCoreRequest) -> 
     prompt`` (offline and OpenAI server alike), so "unset" and "up to the
     limit" arrive as the same number.
     """
-    params = request.sampling_params
+    params = request_sampling_params(request)
     default = default_max_tokens(config)
     if params is None or default is None or params.max_tokens is None:
         return
-    prompt_len = (
-        len(request.prompt_token_ids)
-        if request.prompt_token_ids is not None
-        else len(request.prompt_embeds)
-    )
-    if params.max_tokens >= config.model_config.max_model_len - prompt_len:
+    if params.max_tokens >= config.model_config.max_model_len - prompt_length(request):
         params.max_tokens = max(default, params.min_tokens)
