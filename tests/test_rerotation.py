@@ -9,8 +9,8 @@ from vllm.config import VllmConfig, set_current_vllm_config
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-from vllm_sink.core.rerotation import RopeDeltas
 from vllm_sink.worker.cpu_attn_layout import PagedKV, PageLayout
+from vllm_sink.worker.vllm_runner import rope_deltas
 
 
 @pytest.mark.parametrize(
@@ -40,7 +40,7 @@ def test_rotating_back_equals_rope_at_the_earlier_position(rope_parameters, neox
             is_neox_style=neox,
             dtype=torch.float32,
         )
-    deltas = RopeDeltas.from_rotary_module(rope)
+    deltas = rope_deltas(rope)
     torch.manual_seed(0)
     keys = torch.randn(6, 3 * 64)
     positions = torch.tensor([5000, 4100, 300, 7000, 128, 2048])

@@ -16,6 +16,7 @@ import torch
 from vllm_sink.core.rerotation import RopeDeltas
 from vllm_sink.worker.gpu_kv_layout import KernelBlockKV
 from vllm_sink.worker.self_check import CacheCheckError, check_eviction_in_cache
+from vllm_sink.worker.vllm_runner import rope_deltas
 from vllm_sink_dev.eviction_checks import HEAD, HEADS
 from vllm_sink_dev.kv_layouts import (
     allocate_layers,
@@ -65,7 +66,7 @@ def test_a_right_view_passes_and_leaves_the_block_as_it_was(layout, neox):
     before = layer.kv_cache.clone()
     keys = KernelBlockKV.keys_of(layer.kv_cache, HEAD, BLOCK)
     values = KernelBlockKV.values_of(layer.kv_cache, HEAD, BLOCK)
-    rope = RopeDeltas.from_rotary_module(rotary)
+    rope = rope_deltas(rotary)
     check_eviction_in_cache(layer, rotary, keys, values, rope, 3, BLOCK)
     assert torch.equal(layer.kv_cache, before)
 
@@ -75,7 +76,7 @@ def test_an_assumed_layout_fails():
     layer, rotary = layer_and_rotary("LBHNC")
     keys = KernelBlockKV(assumed_nhd_keys(layer.kv_cache), BLOCK)
     values = KernelBlockKV.values_of(layer.kv_cache, HEAD, BLOCK)
-    rope = RopeDeltas.from_rotary_module(rotary)
+    rope = rope_deltas(rotary)
     with pytest.raises(CacheCheckError, match="written keys"):
         check_eviction_in_cache(layer, rotary, keys, values, rope, 3, BLOCK)
 
@@ -84,7 +85,7 @@ def test_keys_and_values_swapped_fail():
     layer, rotary = layer_and_rotary("LBNHC")
     keys = KernelBlockKV.values_of(layer.kv_cache, HEAD, BLOCK)
     values = KernelBlockKV.keys_of(layer.kv_cache, HEAD, BLOCK)
-    rope = RopeDeltas.from_rotary_module(rotary)
+    rope = rope_deltas(rotary)
     with pytest.raises(CacheCheckError, match="written keys"):
         check_eviction_in_cache(layer, rotary, keys, values, rope, 3, BLOCK)
 
@@ -94,7 +95,7 @@ def test_a_wrong_rotary_style_fails():
     layer, rotary = layer_and_rotary("LBNHC", neox=True)
     keys = KernelBlockKV.keys_of(layer.kv_cache, HEAD, BLOCK)
     values = KernelBlockKV.values_of(layer.kv_cache, HEAD, BLOCK)
-    rope = RopeDeltas.from_rotary_module(rotary)
+    rope = rope_deltas(rotary)
     gptj = RopeDeltas(rope.cos, rope.sin, rope.rotary_dim, is_neox_style=False)
     with pytest.raises(CacheCheckError, match="re-rotated"):
         check_eviction_in_cache(layer, rotary, keys, values, gptj, 3, BLOCK)

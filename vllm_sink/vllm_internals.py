@@ -46,28 +46,31 @@ WORKER_ADAPTER = "worker.vllm_runner"
 SCHEDULER_DOOR = "scheduler.vllm_scheduler"
 OUR_SCHEDULER = "vllm_sink.scheduler.vllm_scheduler:SchedulerDoor"
 OUR_KV_MANAGER = "vllm_sink.scheduler.vllm_scheduler:KVManagerDoor"
-OUR_RUNNER = "vllm_sink.worker.model_runner:StreamingModelRunnerMixin"
+OUR_RUNNER = "vllm_sink.worker.vllm_runner:V1RunnerDoor"
 
 INTERNALS: tuple[Internal, ...] = (
-    # The V1 runner: overridden by the streaming runner mixins, read through the adapter.
+    # The V1 runner: its steps overridden by the adapter's door (calling the streaming
+    # runner's hooks), its state read and written through the adapter.
     Internal(RUNNER, "GPUModelRunner", "_update_states", "method", ("scheduler_output",),
-             "worker.model_runner", override=OUR_RUNNER),
+             WORKER_ADAPTER, override=OUR_RUNNER),
     Internal(RUNNER, "GPUModelRunner", "_prepare_inputs", "method",
-             ("scheduler_output", "num_scheduled_tokens"), "worker.model_runner",
-             override=OUR_RUNNER),
+             ("scheduler_output", "num_scheduled_tokens"), WORKER_ADAPTER, override=OUR_RUNNER),
     Internal(RUNNER, "GPUModelRunner", "_sample", "method",
-             ("logits", "spec_decode_metadata"), "worker.seeded_sampling",
-             override="vllm_sink.worker.seeded_sampling:SeededChunkedPrefillMixin"),
+             ("logits", "spec_decode_metadata"), WORKER_ADAPTER, override=OUR_RUNNER),
     Internal(RUNNER, "GPUModelRunner", "_bookkeeping_sync", "method",
-             ("scheduler_output", "sampler_output"), "worker.seeded_sampling",
-             override="vllm_sink.worker.seeded_sampling:SeededChunkedPrefillMixin"),
+             ("scheduler_output", "sampler_output"), WORKER_ADAPTER, override=OUR_RUNNER),
+    # The runner classes the streaming runners are built on (the CPU one by vLLM's worker).
+    Internal(RUNNER, "GPUModelRunner", "__init__", "method", ("vllm_config", "device"),
+             WORKER_ADAPTER, call_args=2),
+    Internal("vllm.v1.worker.cpu_model_runner", "CPUModelRunner", "__init__", "method",
+             ("vllm_config", "device"), WORKER_ADAPTER),
     *(
         Internal(RUNNER, "GPUModelRunner", name, "attribute", (), WORKER_ADAPTER)
         for name in ("discard_request_mask", "positions", "requests", "input_batch", "kv_caches")
     ),
     # The persistent batch, re-classed and rewritten row by row.
-    Internal(BATCH, "InputBatch", "add_request", "method", ("request",), "worker.input_batch",
-             override="vllm_sink.worker.input_batch:StreamingInputBatch"),
+    Internal(BATCH, "InputBatch", "add_request", "method", ("request",), WORKER_ADAPTER,
+             override="vllm_sink.worker.vllm_runner:StreamingInputBatch"),
     Internal(BATCH, "InputBatch", "_make_sampling_metadata", "method", (), WORKER_ADAPTER),
     Internal(BATCH, "InputBatch", "req_ids", "attribute", (), WORKER_ADAPTER),
     *(
@@ -93,8 +96,12 @@ INTERNALS: tuple[Internal, ...] = (
     ),
     Internal(BATCH, "CachedRequestState", "num_prompt_tokens", "attribute", (), WORKER_ADAPTER),
     *(
-        Internal(SCHED_OUTPUT, "CachedRequestData", name, "field", (), "worker.model_runner")
+        Internal(SCHED_OUTPUT, "CachedRequestData", name, "field", (), WORKER_ADAPTER)
         for name in ("req_ids", "num_computed_tokens", "resumed_req_ids", "all_token_ids")
+    ),
+    *(
+        Internal(SCHED_OUTPUT, "SchedulerOutput", name, "field", (), WORKER_ADAPTER)
+        for name in ("finished_req_ids", "scheduled_new_reqs", "scheduled_cached_reqs")
     ),
     # The scheduler, subclassed (set through the public ``scheduler_cls``) and read.
     Internal(SCHEDULER, "Scheduler", "make_stats", "method", (), SCHEDULER_DOOR,
@@ -106,8 +113,11 @@ INTERNALS: tuple[Internal, ...] = (
         for name in ("kv_cache_manager", "kv_cache_config", "log_stats", "vllm_config", "running")
     ),
     # The engine's DP rank, which a non-MoE DP engine keeps only here (its board's name).
-    Internal("vllm.config.parallel", "ParallelConfig", "data_parallel_index", "field", (),
-             SCHEDULER_DOOR),
+    *(
+        Internal("vllm.config.parallel", "ParallelConfig", "data_parallel_index", "field", (),
+                 used_by)
+        for used_by in (SCHEDULER_DOOR, WORKER_ADAPTER)
+    ),
     # Snapshots: a finished request's blocks kept, and handed over as a cache hit.
     Internal(SCHEDULER, "Scheduler", "_free_request_blocks", "method", ("request",),
              SCHEDULER_DOOR, override=OUR_SCHEDULER),
@@ -163,7 +173,8 @@ INTERNALS: tuple[Internal, ...] = (
              override=OUR_KV_MANAGER),
     *(
         Internal(SCHED_OUTPUT, "NewRequestData", name, "field", (), WORKER_ADAPTER)
-        for name in ("sampling_params", "block_ids", "num_computed_tokens", "prompt_token_ids")
+        for name in ("req_id", "sampling_params", "block_ids", "num_computed_tokens",
+                     "prompt_token_ids")
     ),
     *(
         Internal(SCHED_OUTPUT, "NewRequestData", name, "field", (), SCHEDULER_DOOR)
@@ -194,7 +205,7 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.v1.worker.cpu_worker", "CPUWorker", "init_device", "method", (),
              "worker.cpu_worker", override="vllm_sink.worker.cpu_worker:StreamingCPUWorker"),
     Internal("vllm.v1.worker.gpu_worker", "Worker", "_make_model_runner", "method", (),
-             "worker.gpu_worker", override="vllm_sink.worker.gpu_worker:StreamingGPUWorker"),
+             WORKER_ADAPTER, override="vllm_sink.worker.vllm_runner:V1GPUWorkerDoor"),
     *(
         Internal(f"vllm.v1.worker.{module}", worker, "determine_available_memory", "method",
                  (), "worker.streaming_worker",
@@ -202,10 +213,10 @@ INTERNALS: tuple[Internal, ...] = (
         for module, worker in (("cpu_worker", "CPUWorker"), ("gpu_worker", "Worker"))
     ),
     Internal("vllm.v1.worker.gpu_worker", "Worker", "use_v2_model_runner", "attribute", (),
-             "worker.streaming_worker"),
+             WORKER_ADAPTER),
     *(
         Internal(f"vllm.v1.attention.backends.{module}", impl, "do_kv_cache_update", "method",
-                 ("layer", "key", "value", "kv_cache", "slot_mapping"), "worker.self_check")
+                 ("layer", "key", "value", "kv_cache", "slot_mapping"), WORKER_ADAPTER)
         for module, impl in (
             ("cpu_attn", "CPUAttentionBackendImpl"), ("flash_attn", "FlashAttentionImpl"),
             ("triton_attn", "TritonAttentionImpl"), ("flex_attention", "FlexAttentionImpl"),
@@ -230,14 +241,14 @@ INTERNALS: tuple[Internal, ...] = (
         for name in ("sampling_params", "prompt_token_ids", "prompt_embeds")
     ),
     Internal("vllm.model_executor.layers.rotary_embedding.base", "RotaryEmbedding",
-             "_compute_cos_sin_cache", "method", (), "core.rerotation"),
+             "_compute_cos_sin_cache", "method", (), WORKER_ADAPTER),
     *(
         Internal("vllm.model_executor.layers.rotary_embedding.phi3_long_rope_scaled_rope",
-                 "Phi3LongRoPEScaledRotaryEmbedding", name, "attribute", (), "core.rerotation")
+                 "Phi3LongRoPEScaledRotaryEmbedding", name, "attribute", (), WORKER_ADAPTER)
         for name in ("long_short_cos_sin_cache", "use_long_rope",
                      "original_max_position_embeddings")
     ),
     Internal("vllm._custom_ops", "", "cpu_attn_reshape_and_cache", "method",
              ("key", "value", "key_cache", "value_cache", "slot_mapping", "isa"),
-             "worker.cpu_attn_layout"),
+             WORKER_ADAPTER),
 )  # fmt: skip

@@ -4,16 +4,11 @@ vLLM caches keys after RoPE. To move a cached key ``d`` positions to the left
 (the window when a stream's RoPE offset drops back; the sinks move the other
 way at every eviction, see :mod:`vllm_sink.worker.eviction`), rotations compose:
 ``R(p - d) k = R(-d) R(p) k``, so the cached key is rotated by ``-d``. The
-angles come from the layer's own rotary module (so its base, scaling and
-rotary dims stay right), normalised to unit length so that scalings which also
-scale the magnitude (YaRN's mscale) are not applied twice.
-
-LongRoPE (Phi-3) keeps a short-factor and a long-factor table and uses one for
-the whole engine, picked by the length limit it was built under: the worker's,
-which is the streaming cache's span. Positions within the cache never leave
-that span, so a cache that fits the original context gets the short factors
-the model was trained with there; a longer one gets the long factors, as vLLM
-would give a plain engine with that limit.
+angles come from the table the layer's own rotary module rotates by (so its
+base, scaling and rotary dims stay right; read by
+:func:`vllm_sink.worker.vllm_runner.rope_deltas`), normalised to unit length so
+that scalings which also scale the magnitude (YaRN's mscale) are not applied
+twice.
 """
 
 from __future__ import annotations
@@ -34,12 +29,17 @@ class RopeDeltas:
     is_neox_style: bool
 
     @classmethod
-    def from_rotary_module(cls, rotary: torch.nn.Module) -> RopeDeltas:
-        table = _position_table(rotary).to(torch.float64)
-        rotary_dim = int(rotary.rotary_dim)
+    def from_position_table(
+        cls, table: torch.Tensor, rotary_dim: int, is_neox_style: bool, source: str
+    ) -> RopeDeltas:
+        """From the ``[positions, rotary_dim]`` cos|sin table a rotary module rotates by.
+
+        ``source`` names the module in the error raised for a table of another shape.
+        """
+        table = table.to(torch.float64)
         if table.dim() != 2 or table.shape[1] != rotary_dim:
             raise ValueError(
-                f"{type(rotary).__name__} has a rotary table of shape "
+                f"{source} has a rotary table of shape "
                 f"{tuple(table.shape)}; only plain [positions, rotary_dim] tables "
                 "can be re-rotated"
             )
@@ -49,8 +49,7 @@ class RopeDeltas:
             cos=(cos / norm).to(torch.float32),
             sin=(sin / norm).to(torch.float32),
             rotary_dim=rotary_dim,
-            # LongRoPE takes neox style only, and does not say so.
-            is_neox_style=bool(getattr(rotary, "is_neox_style", True)),
+            is_neox_style=is_neox_style,
         )
 
     def to(self, device: torch.device | str) -> RopeDeltas:
@@ -77,13 +76,3 @@ class RopeDeltas:
             rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
             rotated = rotated.flatten(-2)
         return torch.cat((rotated, keys[..., self.rotary_dim :]), dim=-1)
-
-
-def _position_table(rotary: torch.nn.Module) -> torch.Tensor:
-    """``[positions, rotary_dim]`` cos|sin of the positions the module rotates by."""
-    long_short = getattr(rotary, "long_short_cos_sin_cache", None)
-    if long_short is None:
-        return rotary._compute_cos_sin_cache()
-    # LongRoPE: [short (original context rows) | long] tables, one of them in use.
-    short_rows = int(rotary.original_max_position_embeddings)
-    return long_short[short_rows:] if rotary.use_long_rope else long_short[:short_rows]

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_sink.worker.vllm_runner import write_cpu_attn_cache
+
 
 @dataclass(frozen=True)
 class PageLayout:
@@ -25,8 +27,6 @@ class PageLayout:
     def probe_cpu_attn(
         cls, block_size: int, head_size: int, dtype: torch.dtype, isa: str
     ) -> PageLayout:
-        from vllm import _custom_ops as ops
-
         page_elems = 2 * block_size * head_size
         token = torch.arange(block_size).view(block_size, 1, 1).expand(-1, 1, head_size)
         dim = torch.arange(head_size).view(1, 1, head_size).expand(block_size, 1, -1)
@@ -36,16 +36,13 @@ class PageLayout:
         for digit in digits:
             kv = torch.zeros(1, 1, block_size, 2 * head_size, dtype=dtype)
             key_cache, value_cache = kv.view(1, 1, 2 * block_size, head_size).chunk(2, dim=2)
-            ops.cpu_attn_reshape_and_cache(
+            write_cpu_attn_cache(
                 (digit + 1).to(dtype),
                 (-(digit + 1)).to(dtype),
                 key_cache,
                 value_cache,
                 torch.arange(block_size, dtype=torch.int64),
                 isa,
-                k_scale=1.0,
-                v_scale=1.0,
-                kv_cache_dtype="auto",
             )
             readings.append(kv.view(page_elems).to(torch.float32))
 

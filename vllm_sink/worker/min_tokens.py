@@ -4,7 +4,7 @@ vLLM's built-in min-tokens logits processor masks stop tokens while a
 request's output list is shorter than ``min_tokens``; the streaming worker
 keeps only resident outputs in that list, so for ``min_tokens`` past the
 window it would mask them forever. The runner takes ``min_tokens`` away from
-the built-in processor (see :mod:`vllm_sink.worker.input_batch`) and adds this one,
+the built-in processor (see :func:`vllm_sink.worker.vllm_runner.compact_request`) and adds this one,
 which asks the runner which rows still need the mask: the runner knows each
 stream's true output count (kept outputs plus evicted ones).
 

@@ -1,11 +1,12 @@
 """Worker side: evictions in the cache, and each stream kept in its compact view.
 
-A mixin over vLLM's V1 model runner. vLLM's scheduler counts a stream's tokens
-from its start; the runner keeps each stream as its cache holds it
-(:mod:`vllm_sink.core.stream_view`): sinks, then the resident window, renumbered
-without the evicted gap. vLLM's own input preparation then gives every token
-its position in the cache, the kernel the compact block row and the cached
-length, and every per-request buffer stays as small as the cache:
+A mixin in front of vLLM's V1 model runner and its door
+(:class:`~vllm_sink.worker.vllm_runner.V1RunnerDoor`, whose hooks it implements).
+vLLM's scheduler counts a stream's tokens from its start; the runner keeps each
+stream as its cache holds it (:mod:`vllm_sink.core.stream_view`): sinks, then the
+resident window, renumbered without the evicted gap. vLLM's own input preparation
+then gives every token its position in the cache, the kernel the compact block row
+and the cached length, and every per-request buffer stays as small as the cache:
 
 * before each step (before vLLM applies the scheduler's update, so that a
   row never holds more than the cache), the evictions the policy calls for
@@ -16,8 +17,8 @@ length, and every per-request buffer stays as small as the cache:
   offset (:meth:`SinkWindowPolicy.rope_offset`), added to the positions vLLM
   computed, so that most evictions leave the window's keys where they are;
 * the persistent batch writes new and re-added requests in their view
-  (:mod:`vllm_sink.worker.input_batch`); its rows are ``view_width`` tokens wide
-  because the worker's config says so
+  (:class:`~vllm_sink.worker.vllm_runner.StreamingInputBatch`); its rows are
+  ``view_width`` tokens wide because the worker's config says so
   (:func:`~vllm_sink.worker.streaming_worker.worker_config`);
 * ``min_tokens`` is counted over the whole stream (:mod:`vllm_sink.worker.streams`);
 * a request may continue a finished stream (a snapshot, see :meth:`_resume`;
@@ -30,16 +31,15 @@ length, and every per-request buffer stays as small as the cache:
 
 Each stream's state is one :class:`~vllm_sink.core.stream_state.StreamState`,
 held by :class:`~vllm_sink.worker.streams.WorkerStreams`; everything read or
-written in vLLM's runner, batch and request objects goes through
-:mod:`vllm_sink.worker.vllm_runner`, the one module a runner of another kind
-(vLLM's V2 runner) would replace.
+written in vLLM's runner, batch and request objects, and every step's update
+from the scheduler, goes through :mod:`vllm_sink.worker.vllm_runner`, the one
+module a runner of another kind (vLLM's V2 runner) would replace.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import NamedTuple
 
 import numpy as np
 from vllm.config import get_layers_from_vllm_config
@@ -53,18 +53,25 @@ from vllm_sink.metrics import StreamingBoard, engine_key, open_board
 from vllm_sink.worker import startup
 from vllm_sink.worker import vllm_runner as runner_api
 from vllm_sink.worker.eviction import EvictionPlan, apply_eviction_plan, sink_keys_at_offset_zero
-from vllm_sink.worker.input_batch import StreamingInputBatch
 from vllm_sink.worker.kv_pages import KVPages
 from vllm_sink.worker.min_tokens import StreamMinTokens
 from vllm_sink.worker.snapshot_vault import SnapshotVault
 from vllm_sink.worker.streams import WorkerStreams
+from vllm_sink.worker.vllm_runner import Rows, ScheduledRequest, StepUpdate
 
-if TYPE_CHECKING:
-    from vllm.v1.core.sched.output import CachedRequestData, SchedulerOutput
+Resumed = list[tuple[str, Rows, int]]
+"""New requests that continue a stream: id, block rows, computed tokens."""
+
+
+class _Update(NamedTuple):
+    """What :meth:`StreamingModelRunnerMixin.before_update` leaves for ``after_update``."""
+
+    resumed: Resumed
+    moved: bool
 
 
 class StreamingModelRunnerMixin:
-    """Mixed in front of a V1 model runner class (see :mod:`vllm_sink.worker.cpu_worker`)."""
+    """Mixed in front of the V1 runner door (see :mod:`vllm_sink.worker.cpu_worker`)."""
 
     # ------------------------------------------------------------ set-up hooks
     @functools.cached_property
@@ -104,9 +111,7 @@ class StreamingModelRunnerMixin:
             KVPages(runner_api.kv_caches(self), kv_cache_config.num_blocks),
             rank=runner_api.tensor_parallel_rank(),
         )
-        runner_api.adopt_input_batch(
-            self, StreamingInputBatch, streams=self._streams.by_id, sinks=policy.sinks
-        )
+        runner_api.adopt_input_batch(self, lambda req_id: self._streams[req_id].view(policy.sinks))
         runner_api.add_logits_processor(
             self, StreamMinTokens(lambda: self._streams.rows_below_min_tokens(self._row_of))
         )
@@ -125,40 +130,42 @@ class StreamingModelRunnerMixin:
         )
 
     # -------------------------------------------------------------- every step
-    def _update_states(self, scheduler_output: SchedulerOutput):
+    def before_update(self, step: StepUpdate) -> _Update:
+        """Finished streams kept or dropped, snapshot ops run, new requests admitted (a
+        continued stream's rows compacted) and this step's evictions carried out."""
         streams = self._streams
-        for req_id, stream in streams.finish(scheduler_output.finished_req_ids):
+        for req_id, stream in streams.finish(step.finished):
             self._snapshots.finished(req_id, stream)
         # Before anything reads or writes the blocks these ops copy.
-        self._snapshots.apply(runner_api.snapshot_ops(scheduler_output), streams.by_id)
+        self._snapshots.apply(step.snapshot_ops, streams.by_id)
         self._publish_snapshot_figures()
-        resumed: list[tuple[str, runner_api.Rows, int]] = []
-        for new_req in scheduler_output.scheduled_new_reqs:
-            assert new_req.prompt_token_ids is not None, "streams take token prompts"
-            req_id, prompt_len = new_req.req_id, len(new_req.prompt_token_ids)
-            stream, session = streams.admit(req_id, prompt_len, new_req.sampling_params)
-            source = None if session else runner_api.resumed_from(new_req)
+        resumed: Resumed = []
+        for new in step.added:
+            stream, session = streams.admit(new.req_id, new.prompt_len, new.params)
+            source = None if session else runner_api.resumed_from(new)
             if session or source is not None:
-                rows = runner_api.new_block_rows(new_req)
                 if source is not None:
-                    self._resume(stream, rows, *source)
+                    self._resume(stream, new.block_rows, *source)
                 else:
                     evicted = stream.shift // self.sink_policy.block_size
-                    runner_api.drop_evicted_blocks(rows, evicted)
-                resumed.append((req_id, rows, new_req.num_computed_tokens))
+                    runner_api.drop_evicted_blocks(new.block_rows, evicted)
+                resumed.append((new.req_id, new.block_rows, new.computed))
         # Evict before vLLM appends this step's new blocks to the rows: a row
         # then never holds more than the cache.
-        moved = self._evict(scheduler_output.scheduled_cached_reqs, resumed)
-        result = super()._update_states(scheduler_output)
-        for req_id, _, _ in resumed:
+        return _Update(resumed, self._evict(step.scheduled, resumed))
+
+    def after_update(self, pending: _Update) -> None:
+        """vLLM's state and batch rows, which its update wrote from the scheduler's
+        absolute counts, put back in each stream's view."""
+        streams = self._streams
+        for req_id, _, _ in pending.resumed:
             runner_api.project_prompt_count(
                 self, req_id, streams[req_id].view(self.sink_policy.sinks)
             )
         runner_api.project_computed_counts(self, streams.by_id)
-        if moved:
+        if pending.moved:
             # Penalties read prompt tokens from the rows that moved.
             runner_api.refresh_penalty_inputs(self)
-        return result
 
     def _publish_snapshot_figures(self) -> None:
         """The worker's snapshot figures on the engine's board (the first worker's), as they
@@ -169,15 +176,13 @@ class StreamingModelRunnerMixin:
         self._published_figures = dict(figures)
         if self._figures_board is False:
             config = self.vllm_config
-            engine = engine_key(config.instance_id, config.parallel_config.data_parallel_index)
+            engine = engine_key(config.instance_id, runner_api.data_parallel_rank(config))
             first = self._snapshots.rank == 0
             self._figures_board = open_board(engine) if first else None
         if self._figures_board is not None:
             self._figures_board.publish(figures)
 
-    def _resume(
-        self, stream: StreamState, rows: runner_api.Rows, snapshot_id: str, shift: int
-    ) -> None:
+    def _resume(self, stream: StreamState, rows: Rows, snapshot_id: str, shift: int) -> None:
         """Give a new request the state of the stream it continues (the scheduler's snapshot).
 
         ``rows`` are the request's block rows as the scheduler holds them (this
@@ -196,27 +201,16 @@ class StreamingModelRunnerMixin:
                 self._layer_groups[sink_group].layers, rows[sink_group][0], policy.sinks, offset
             )
 
-    def _prepare_inputs(self, scheduler_output: SchedulerOutput, num_scheduled_tokens: np.ndarray):
-        """vLLM's inputs, with each stream's RoPE offset added to its positions.
-
-        Slot mapping and sequence lengths are computed from the view indices
-        inside ``super()``; only the positions the model's RoPE reads move.
-        """
-        outputs = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
+    def rope_offsets(self, req_ids: list[str]) -> np.ndarray:
+        """Each row's stream's RoPE offset: its positions are its view indices plus this."""
         policy, period = self.sink_policy, self._rebase_period_blocks
-        req_ids = runner_api.batch_req_ids(self)
-        offsets = np.fromiter(
+        return np.fromiter(
             (policy.rope_offset(self._streams[r].shift, period) for r in req_ids),
             dtype=np.int64,
             count=len(req_ids),
         )
-        if offsets.any():
-            runner_api.add_to_positions(self, offsets, num_scheduled_tokens)
-        return outputs
 
-    def _evict(
-        self, cached: CachedRequestData, resumed: list[tuple[str, runner_api.Rows, int]]
-    ) -> bool:
+    def _evict(self, scheduled: list[ScheduledRequest], resumed: Resumed) -> bool:
         """Carry out this step's evictions and move each stream's view along.
 
         ``resumed``: new requests that continue a cached stream, a snapshot or
@@ -229,18 +223,19 @@ class StreamingModelRunnerMixin:
             for group in self._layer_groups
         ]
 
-        def plan_eviction(stream: StreamState, rows: runner_api.Rows, computed: int) -> int:
+        def plan_eviction(stream: StreamState, rows: Rows, computed: int) -> int:
             shifts = {plan.add(policy, stream, row, computed) for plan, row in zip(plans, rows)}
             (shift,) = shifts  # the same in every group
             return shift
 
         moved: list[tuple[str, int]] = []
-        for req_id, computed in zip(cached.req_ids, cached.num_computed_tokens):
-            if req_id in cached.resumed_req_ids:
-                self._restart_view(req_id, cached.all_token_ids)
+        for request in scheduled:
+            req_id = request.req_id
+            if request.restarted:
+                self._restart_view(req_id, request.history)
                 continue
             stream = self._streams[req_id]
-            shift = plan_eviction(stream, runner_api.block_rows(self, req_id), computed)
+            shift = plan_eviction(stream, runner_api.block_rows(self, req_id), request.computed)
             if shift != stream.shift:
                 moved.append((req_id, shift))
         resumed_shifts = [plan_eviction(self._streams[r], rows, n) for r, rows, n in resumed]
@@ -259,13 +254,12 @@ class StreamingModelRunnerMixin:
             runner_api.project_view_move(self, req_id, before, view, policy.block_size)
         return bool(moved)
 
-    def _restart_view(self, req_id: str, all_token_ids: Mapping[str, list[int]]) -> None:
+    def _restart_view(self, req_id: str, history: list[int] | None) -> None:
         """A preempted stream recomputes its whole history into fresh blocks.
 
         Its kept output list lost the evicted outputs, so the history the
         scheduler resends becomes the worker's prompt for the recomputation.
         """
-        history = all_token_ids.get(req_id)
         if history is None:
             raise RuntimeError(f"vllm-sink: no token history sent for resumed stream {req_id}")
         self._streams[req_id].restart(len(history))
@@ -276,4 +270,4 @@ class StreamingModelRunnerMixin:
         row = runner_api.batch_row(self, req_id)
         if row is None:
             return None
-        return row, len(runner_api.request_state(self, req_id).output_token_ids)
+        return row, runner_api.kept_output_count(self, req_id)

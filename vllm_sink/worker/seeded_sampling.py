@@ -18,26 +18,35 @@ request samples the same tokens whatever the prefill chunking.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from vllm_sink.worker import vllm_runner as runner_api
 
 
 class SeededChunkedPrefillMixin:
-    """Saves and restores the generators of seeded rows whose sample is discarded."""
+    """Saves and restores the generators of seeded rows whose sample is discarded.
+
+    Implements the sampling hooks of :class:`~vllm_sink.worker.vllm_runner.V1RunnerDoor`.
+    """
 
     _discarded_generator_states: dict[int, torch.Tensor]
 
-    def _sample(self, *args, **kwargs):
+    def save_discarded_generators(self) -> None:
+        """Before sampling: the state of each seeded generator whose sample is dropped."""
         generators = runner_api.seeded_generators(self)
         self._discarded_generator_states = {
             row: generators[row].get_state()
             for row in (runner_api.discarded_rows(self) if generators else ())
             if row in generators
         }
-        return super()._sample(*args, **kwargs)
 
-    def _bookkeeping_sync(self, *args, **kwargs):
+    @contextmanager
+    def generators_kept_from_rewind(self) -> Iterator[None]:
+        """Around vLLM's bookkeeping: the saved states put back, and those generators
+        hidden from its rewind."""
         saved = getattr(self, "_discarded_generator_states", {})
         self._discarded_generator_states = {}
         generators = runner_api.seeded_generators(self)
@@ -46,6 +55,6 @@ class SeededChunkedPrefillMixin:
         # Hidden from vLLM's own rewind, which CPU generators cannot do.
         hidden = {row: generators.pop(row) for row in saved}
         try:
-            return super()._bookkeeping_sync(*args, **kwargs)
+            yield
         finally:
             generators.update(hidden)

@@ -1,13 +1,14 @@
 """A start-up check that evictions move keys where attention reads them, as RoPE would.
 
 Before serving, one block of the first layer of each KV cache group gets keys and
-values written by the layer's own attention backend (``do_kv_cache_update``, the
-path a forward pass takes), the keys rotated to positions ``d .. d + B - 1`` by the
-model's own rotary module. The worker's view of that layer must read them back, and
-a re-rotation by ``-d`` through that view must give the keys the rotary module
-computes at ``0 .. B - 1``. A wrong assumption about a backend's layout or a model's
-rotary style then stops start-up with the reason instead of giving wrong text. It
-costs one block per group and milliseconds; the block is restored afterwards.
+values written by the layer's own attention backend (the path a forward pass takes:
+:func:`~vllm_sink.worker.vllm_runner.write_kv_as_forward`), the keys rotated to
+positions ``d .. d + B - 1`` by the model's own rotary module. The worker's view of
+that layer must read them back, and a re-rotation by ``-d`` through that view must
+give the keys the rotary module computes at ``0 .. B - 1``. A wrong assumption about
+a backend's layout or a model's rotary style then stops start-up with the reason
+instead of giving wrong text. It costs one block per group and milliseconds; the
+block is restored afterwards.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from vllm_sink.core.rerotation import RopeDeltas
 from vllm_sink.worker.eviction import SlotAccess
+from vllm_sink.worker.vllm_runner import write_kv_as_forward
 
 
 class CacheCheckError(RuntimeError):
@@ -48,7 +50,7 @@ def check_eviction_in_cache(
     slots = torch.arange(block_size, device=device)
     at_shift, at_zero = (_rotated(rotary, raw, slots + start) for start in (shift, 0))
     try:
-        layer.impl.do_kv_cache_update(layer, at_shift, value, cache, block_id * block_size + slots)
+        write_kv_as_forward(layer, at_shift, value, block_id * block_size + slots)
         _expect("written keys", _slot_major(keys.get(block)), at_shift)
         _expect("written values", _slot_major(values.get(block)), value)
         moves = torch.tensor([shift], device=device)

@@ -138,7 +138,7 @@ def rope_tables(
     rotary: Mapping[str, torch.nn.Module], device: torch.device
 ) -> dict[str, RopeDeltas]:
     """Each layer's re-rotation table, one per rotary module (layers share them)."""
-    deltas = {id(m): RopeDeltas.from_rotary_module(m).to(device) for m in rotary.values()}
+    deltas = {id(m): runner_api.rope_deltas(m).to(device) for m in rotary.values()}
     return {name: deltas[id(m)] for name, m in rotary.items()}
 
 

@@ -11,6 +11,7 @@ import copy
 from typing import TYPE_CHECKING
 
 from vllm_sink.config import StreamingConfigError, streaming_policy
+from vllm_sink.worker.vllm_runner import uses_v2_runner
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -45,7 +46,7 @@ class StreamingWorkerMixin:
 
     def refuse_v2_runner(self) -> None:
         """Call before the runner is built: streaming runs on vLLM's V1 runner only."""
-        if self.use_v2_model_runner:
+        if uses_v2_runner(self):
             raise StreamingConfigError(
                 "vllm-sink supports vLLM's V1 model runner only; set VLLM_USE_V2_MODEL_RUNNER=0"
             )

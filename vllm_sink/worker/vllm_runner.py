@@ -1,11 +1,17 @@
-"""The worker side's one door into vLLM's V1 model runner, its batch and request state.
+"""The worker side's one door into vLLM: its V1 model runner, batch, request state and workers.
 
-Everything the streaming runner reads or writes of ``GPUModelRunner`` (which
-``CPUModelRunner`` subclasses), its persistent ``InputBatch`` and its
-``CachedRequestState`` objects goes through a function here; every name they
-use is listed in :mod:`vllm_sink.vllm_internals` and checked by
-``tests/test_vllm_contract.py``. Porting to another runner (the GPU or V2
-runner) means reading this file.
+Everything the streaming worker reads, writes or overrides of vLLM's internals
+goes through here: the runner's private per-step methods are overridden by
+:class:`V1RunnerDoor`, which hands the streaming runner what the scheduler sent
+(:class:`StepUpdate`) and calls its hooks; the persistent batch is re-classed
+as :class:`StreamingInputBatch`; the runner classes and the GPU worker's
+factory are reached through :func:`v1_runner_class` and
+:class:`V1GPUWorkerDoor`; and the functions below read and write
+``GPUModelRunner`` (which ``CPUModelRunner`` subclasses), its ``InputBatch``,
+its ``CachedRequestState`` objects, the model's rotary modules and the
+attention backends' cache writes. Every name they use is listed in
+:mod:`vllm_sink.vllm_internals` and checked by ``tests/test_vllm_contract.py``.
+Porting to another runner (vLLM's V2 runner) means writing this file's sibling.
 
 It is also the one place where a stream's compact view
 (:class:`~vllm_sink.core.stream_view.StreamView`) is projected into vLLM's
@@ -18,19 +24,26 @@ that continues a snapshot,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
 
+from vllm_sink.core.rerotation import RopeDeltas
 from vllm_sink.core.snapshot_ops import OPS_ATTRIBUTE, SnapshotOp
 from vllm_sink.core.snapshots import resume_source
 from vllm_sink.core.stream_view import StreamView
 
 if TYPE_CHECKING:
-    from vllm.v1.worker.gpu_input_batch import CachedRequestState
+    from vllm.config import VllmConfig
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.core.sched.output import SchedulerOutput
 
     from vllm_sink.core.stream_state import StreamState
 
@@ -41,9 +54,199 @@ Rows = tuple[list[int], ...]
 """A request's block ids, one row per KV cache group (vLLM's ``block_ids``)."""
 
 
+# ------------------------------------------------- what the scheduler sent
+@dataclass(frozen=True)
+class NewRequest:
+    """A request the scheduler adds to the runner this step."""
+
+    req_id: str
+    prompt_len: int
+    params: SamplingParams | None
+    block_rows: Rows
+    """vLLM's own lists, which its runner will hold: compacting them compacts the runner's."""
+    computed: int
+    """Tokens the scheduler counts as computed (a snapshot's, for a request continuing one)."""
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    """A request the runner already holds, scheduled again this step."""
+
+    req_id: str
+    computed: int
+    """Tokens computed, counted from the stream's start."""
+    restarted: bool
+    """Preempted, and now recomputing its whole history."""
+    history: list[int] | None
+    """A restarted request's whole history, as the scheduler resent it."""
+
+
+@dataclass(frozen=True)
+class StepUpdate:
+    """What one step's scheduler output tells the streaming runner, before vLLM applies it."""
+
+    finished: Collection[str]
+    snapshot_ops: list[SnapshotOp]
+    """Sent by the streaming scheduler with vLLM's output."""
+    added: list[NewRequest]
+    scheduled: list[ScheduledRequest]
+
+
+def read_step(scheduler_output: SchedulerOutput) -> StepUpdate:
+    cached = scheduler_output.scheduled_cached_reqs
+    added = []
+    for new_req in scheduler_output.scheduled_new_reqs:
+        assert new_req.prompt_token_ids is not None, "streams take token prompts"
+        added.append(
+            NewRequest(
+                new_req.req_id,
+                len(new_req.prompt_token_ids),
+                new_req.sampling_params,
+                new_req.block_ids,
+                new_req.num_computed_tokens,
+            )
+        )
+    scheduled = []
+    for req_id, computed in zip(cached.req_ids, cached.num_computed_tokens):
+        restarted = req_id in cached.resumed_req_ids
+        history = cached.all_token_ids.get(req_id) if restarted else None
+        scheduled.append(ScheduledRequest(req_id, computed, restarted, history))
+    return StepUpdate(
+        scheduler_output.finished_req_ids,
+        getattr(scheduler_output, OPS_ATTRIBUTE, None) or [],
+        added,
+        scheduled,
+    )
+
+
+def resumed_from(request: NewRequest) -> tuple[str, int] | None:
+    """``(snapshot id, the stream's shift)`` of a request continuing a snapshot.
+
+    Set by the scheduler (:data:`vllm_sink.core.snapshots.RESUME_KEY`).
+    """
+    if not request.computed:
+        return None
+    return resume_source(request.params)
+
+
+# ------------------------------------------------------- the runner's steps
+class V1RunnerDoor:
+    """Mixed in right in front of vLLM's V1 runner class: its private per-step methods.
+
+    Each override runs vLLM's own and calls a hook around it; the streaming
+    mixins in front of this one implement the hooks (the defaults here leave
+    vLLM's behaviour as it is).
+    """
+
+    def _update_states(self, scheduler_output: SchedulerOutput):
+        pending = self.before_update(read_step(scheduler_output))
+        result = super()._update_states(scheduler_output)
+        self.after_update(pending)
+        return result
+
+    def _prepare_inputs(self, scheduler_output: SchedulerOutput, num_scheduled_tokens: np.ndarray):
+        """vLLM's inputs, with :meth:`rope_offsets` added to each row's positions.
+
+        Slot mapping and sequence lengths are computed inside ``super()``; only
+        the positions the model's RoPE reads move.
+        """
+        outputs = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
+        offsets = self.rope_offsets(batch_req_ids(self))
+        if offsets.any():
+            add_to_positions(self, offsets, num_scheduled_tokens)
+        return outputs
+
+    def _sample(self, *args, **kwargs):
+        self.save_discarded_generators()
+        return super()._sample(*args, **kwargs)
+
+    def _bookkeeping_sync(self, *args, **kwargs):
+        with self.generators_kept_from_rewind():
+            return super()._bookkeeping_sync(*args, **kwargs)
+
+    # ------------------------------------------------------------ the hooks
+    def before_update(self, step: StepUpdate) -> Any:
+        """Before vLLM applies the step's update to its requests and batch; the result is
+        passed to :meth:`after_update`."""
+
+    def after_update(self, pending: Any) -> None:
+        """After vLLM applied the step's update."""
+
+    def rope_offsets(self, req_ids: list[str]) -> np.ndarray:
+        """What to add to the RoPE positions of each batch row's tokens this step."""
+        return np.zeros(len(req_ids), dtype=np.int64)
+
+    def save_discarded_generators(self) -> None:
+        """Before sampling (:func:`discarded_rows` are known)."""
+
+    def generators_kept_from_rewind(self) -> AbstractContextManager[None]:
+        """Around vLLM's bookkeeping after sampling, which rewinds the generators of
+        discarded rows."""
+        return contextlib.nullcontext()
+
+
+# -------------------------------------------------------- the persistent batch
+class StreamingInputBatch(InputBatch):
+    """``InputBatch`` whose rows are streams' compact views.
+
+    vLLM's ``InputBatch.add_request`` copies a request's whole history (prompt
+    and outputs) into a token row as wide as ``max_model_len``. A stream's
+    history is unbounded, so the streaming runner's rows are only as wide as
+    the cache (:attr:`~vllm_sink.core.policy.SinkWindowPolicy.view_width`) and
+    this batch writes what the view holds (:func:`compact_request`). The runner
+    re-classes vLLM's instance (its constructor takes a dozen version-specific
+    arguments, :func:`adopt_input_batch`); nothing else differs.
+    """
+
+    view_of: Callable[[str], StreamView]
+    """Each stream's view, by request id (the runner's)."""
+
+    def add_request(self, request: CachedRequestState) -> int:
+        assert request.prompt_token_ids is not None, "streams take token prompts"
+        view = self.view_of(request.req_id)
+        return super().add_request(compact_request(request, view, self.token_ids_cpu.shape[1]))
+
+
+# --------------------------------------------------------------- the workers
+def v1_runner_class(device: str) -> type:
+    """vLLM's V1 model runner class for ``device`` (``"cpu"`` or ``"cuda"``).
+
+    Imported when asked for: each worker imports only its own platform's runner.
+    """
+    if device == "cpu":
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+        return CPUModelRunner
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    return GPUModelRunner
+
+
+class V1GPUWorkerDoor:
+    """Mixed in front of vLLM's GPU ``Worker``, which builds its runner in
+    ``_make_model_runner``: this one builds :meth:`build_model_runner`'s."""
+
+    def _make_model_runner(self):
+        return self.build_model_runner()
+
+    def build_model_runner(self) -> Runner:
+        raise NotImplementedError
+
+
+def uses_v2_runner(worker: Any) -> bool:
+    """Whether vLLM would build its V2 model runner for ``worker``."""
+    return worker.use_v2_model_runner
+
+
+def data_parallel_rank(vllm_config: VllmConfig) -> int:
+    """The engine's DP rank, which a non-MoE DP engine keeps only here."""
+    return vllm_config.parallel_config.data_parallel_index
+
+
 # ------------------------------------------------------------------ reads
-def request_state(runner: Runner, req_id: str) -> CachedRequestState:
-    return runner.requests[req_id]
+def kept_output_count(runner: Runner, req_id: str) -> int:
+    """How many of the request's outputs vLLM's state keeps (the resident ones)."""
+    return len(runner.requests[req_id].output_token_ids)
 
 
 def block_rows(runner: Runner, req_id: str) -> Rows:
@@ -84,49 +287,19 @@ def kv_caches(runner: Runner) -> list[torch.Tensor]:
     return runner.kv_caches
 
 
-def alibi_slopes(layer: Any) -> torch.Tensor | None:
-    """An attention layer's ALiBi slopes (``None`` without ALiBi)."""
-    return layer.impl.alibi_slopes
-
-
-def isa(layer: Any) -> str:
-    """The instruction set the CPU attention layer's kernels were built for."""
-    return layer.isa
-
-
 def tensor_parallel_rank() -> int:
     from vllm.distributed import get_tensor_model_parallel_rank
 
     return get_tensor_model_parallel_rank()
 
 
-def snapshot_ops(scheduler_output: Any) -> list[SnapshotOp]:
-    """The step's snapshot ops, sent by the streaming scheduler with vLLM's output."""
-    return getattr(scheduler_output, OPS_ATTRIBUTE, None) or []
-
-
-def resumed_from(new_request: Any) -> tuple[str, int] | None:
-    """``(snapshot id, the stream's shift)`` of a request continuing a snapshot.
-
-    Set by the scheduler (:data:`vllm_sink.core.snapshots.RESUME_KEY`).
-    """
-    if not new_request.num_computed_tokens:
-        return None
-    return resume_source(new_request.sampling_params)
-
-
-def new_block_rows(new_request: Any) -> Rows:
-    """A new request's block rows, the lists vLLM's runner will hold."""
-    return new_request.block_ids
-
-
 # ----------------------------------------------------------------- writes
-def adopt_input_batch(runner: Runner, batch_class: type, **attributes: Any) -> None:
-    """Re-class the runner's persistent batch (its constructor is version-specific)."""
+def adopt_input_batch(runner: Runner, view_of: Callable[[str], StreamView]) -> None:
+    """Re-class the runner's persistent batch as a :class:`StreamingInputBatch` (vLLM's
+    constructor is version-specific) that writes each stream's ``view_of(req_id)``."""
     batch = runner.input_batch
-    batch.__class__ = batch_class
-    for name, value in attributes.items():
-        setattr(batch, name, value)
+    batch.__class__ = StreamingInputBatch
+    batch.view_of = view_of
 
 
 def add_logits_processor(runner: Runner, processor: Any) -> None:
@@ -137,7 +310,8 @@ def add_logits_processor(runner: Runner, processor: Any) -> None:
 def add_to_positions(runner: Runner, per_request: np.ndarray, scheduled: np.ndarray) -> None:
     """Add ``per_request[i]`` to the positions of every token row ``i`` schedules this step.
 
-    Valid right after vLLM's ``_prepare_inputs`` filled ``runner.positions``.
+    Valid right after vLLM's ``_prepare_inputs`` filled ``runner.positions``
+    (:meth:`V1RunnerDoor._prepare_inputs`).
     """
     total = int(scheduled.sum())
     per_token = torch.from_numpy(np.repeat(per_request, scheduled))
@@ -242,3 +416,75 @@ def project_view_move(
     batch.is_token_ids[i, :held] = True
     batch.num_prompt_tokens[i] = min(view.resident_prompt_len, width)
     batch.num_tokens_no_spec[i] = held
+
+
+# ------------------------------------------ the model's layers and kernels
+def rope_deltas(rotary: torch.nn.Module) -> RopeDeltas:
+    """A vLLM rotary module's re-rotation table, from the table it rotates by."""
+    return RopeDeltas.from_position_table(
+        rope_position_table(rotary),
+        int(rotary.rotary_dim),
+        # LongRoPE takes neox style only, and does not say so.
+        is_neox_style=bool(getattr(rotary, "is_neox_style", True)),
+        source=type(rotary).__name__,
+    )
+
+
+def rope_position_table(rotary: torch.nn.Module) -> torch.Tensor:
+    """``[positions, rotary_dim]`` cos|sin of the positions the module rotates by.
+
+    LongRoPE (Phi-3) keeps a short-factor and a long-factor table and uses one
+    for the whole engine, picked by the length limit it was built under: the
+    worker's, which is the streaming cache's span. Positions within the cache
+    never leave that span, so a cache that fits the original context gets the
+    short factors the model was trained with there; a longer one gets the long
+    factors, as vLLM would give a plain engine with that limit.
+    """
+    long_short = getattr(rotary, "long_short_cos_sin_cache", None)
+    if long_short is None:
+        return rotary._compute_cos_sin_cache()
+    # [short (original context rows) | long] tables, one of them in use.
+    short_rows = int(rotary.original_max_position_embeddings)
+    return long_short[short_rows:] if rotary.use_long_rope else long_short[:short_rows]
+
+
+def alibi_slopes(layer: Any) -> torch.Tensor | None:
+    """An attention layer's ALiBi slopes (``None`` without ALiBi)."""
+    return layer.impl.alibi_slopes
+
+
+def isa(layer: Any) -> str:
+    """The instruction set the CPU attention layer's kernels were built for."""
+    return layer.isa
+
+
+def write_kv_as_forward(
+    layer: Any, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Write keys and values into ``layer``'s cache as a forward pass does: through its
+    attention backend's own cache update."""
+    layer.impl.do_kv_cache_update(layer, key, value, layer.kv_cache, slot_mapping)
+
+
+def write_cpu_attn_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    isa: str,
+) -> None:
+    """CPU_ATTN's cache-write op, unquantised (``kv_cache_dtype="auto"``)."""
+    from vllm import _custom_ops as ops
+
+    ops.cpu_attn_reshape_and_cache(
+        key,
+        value,
+        key_cache,
+        value_cache,
+        slot_mapping,
+        isa,
+        k_scale=1.0,
+        v_scale=1.0,
+        kv_cache_dtype="auto",
+    )
