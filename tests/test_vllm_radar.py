@@ -52,3 +52,20 @@ def test_a_release_that_changes_what_we_rely_on_is_named(installed):
     assert changed == {hit.where, resumed.where} | {
         w for w in findings if w.startswith("vllm.v1.worker.block_table.")
     }
+
+
+def test_a_field_declared_under_type_checking_is_still_there(installed):
+    """vLLM 0.34 declares ``EngineCoreRequest.prompt_token_ids`` in ``if TYPE_CHECKING:`` /
+    ``else:`` (one type for checkers, another at run time): the field is there."""
+    files = dict(installed.files)
+    engine = "vllm/v1/engine/__init__.py"
+    files[engine], n = re.subn(
+        r"\n    prompt_token_ids: list\[int\] \| None\n",
+        "\n    if TYPE_CHECKING:\n        prompt_token_ids: list[int] | None\n"
+        "    else:\n        prompt_token_ids: object\n",
+        files[engine],
+        count=1,
+    )
+    assert n == 1
+    findings = {f.where: f for f in check_all(VllmSource(files), installed)}
+    assert findings["vllm.v1.engine.EngineCoreRequest.prompt_token_ids"].status == "same"

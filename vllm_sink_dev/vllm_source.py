@@ -151,7 +151,7 @@ class VllmSource:
             and isinstance(node.target, ast.Name)
             and node.target.id == internal.name
             for body in self._bodies(internal)
-            for node in body
+            for node in class_statements(body)
         )
 
     def has_attribute(self, internal: Internal) -> bool:
@@ -160,7 +160,7 @@ class VllmSource:
         for module, cls in self._chain(internal):
             if assigned.search(ast.get_source_segment(self._text(module), cls) or ""):
                 return True
-            for node in cls.body:
+            for node in class_statements(cls.body):
                 targets = (
                     [node.target]
                     if isinstance(node, ast.AnnAssign)
@@ -270,3 +270,14 @@ def _hint(source: VllmSource, internal: Internal) -> str:
 
 def check_all(source: VllmSource, baseline: VllmSource | None = None) -> list[Finding]:
     return [check(source, internal, baseline) for internal in INTERNALS]
+
+
+def class_statements(body: list[ast.stmt]) -> list[ast.stmt]:
+    """A class body's statements, those under ``if`` / ``else`` included (``if
+    TYPE_CHECKING:`` declares a field's type one way and the runtime another)."""
+    statements = []
+    for node in body:
+        statements.append(node)
+        if isinstance(node, ast.If):
+            statements += class_statements(node.body) + class_statements(node.orelse)
+    return statements
