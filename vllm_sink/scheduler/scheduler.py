@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from vllm.logger import init_logger
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from vllm_sink.config import GIB, streaming_policy, streaming_settings
+from vllm_sink.config import GIB, StreamingSettings, streaming_policy, streaming_settings
 from vllm_sink.core.uncached_prompts import CutPrompt, cut_tokens, tokens_to_cut
 from vllm_sink.metrics import StreamingBoard, engine_key
 from vllm_sink.scheduler.kv_cache import StreamingManagers
@@ -83,15 +83,16 @@ class StreamingSchedulerMixin(SchedulerDoor):
     ) -> None:
         # The worker gives every layer a streaming spec (or refuses the model).
         self.streaming = StreamingManagers(managers)
-        self._enable_snapshots(config, kv_cache_config)
+        settings = streaming_settings(config)
+        self.sink_policy = streaming_policy(config)
+        self.cut_uncached = settings.uncached_prompts == "window"
+        self._enable_snapshots(config, kv_cache_config, settings)
         self.snapshot_hits = self.snapshot_misses = self.snapshot_tokens_skipped = 0
         self.tier_hits: Counter[str] = Counter()
         """Resumes, by the tier their snapshot was found in."""
         self._resumed_from_tier: dict[str, str] = {}
         self._prompts_kept: set[str] = set()
         """Running requests whose computed prompt has been kept (:meth:`_keep_computed_prompts`)."""
-        self.sink_policy = streaming_policy(config)
-        self.cut_uncached = streaming_settings(config).uncached_prompts == "window"
         self._cut_prompts: dict[str, CutPrompt] = {}
         """Requests whose prompt is cut, by id."""
         self.prompts_cut = self.prompt_tokens_cut = 0
@@ -102,8 +103,10 @@ class StreamingSchedulerMixin(SchedulerDoor):
             self.publish_streaming_figures()
 
     # ---------------------------------------------------------------- snapshots
-    def _enable_snapshots(self, config: VllmConfig, kv_cache_config: KVCacheConfig) -> None:
-        policy, settings = streaming_policy(config), streaming_settings(config)
+    def _enable_snapshots(
+        self, config: VllmConfig, kv_cache_config: KVCacheConfig, settings: StreamingSettings
+    ) -> None:
+        policy = self.sink_policy
         ranks = config.parallel_config.tensor_parallel_size
         sizes = TierSizes(
             pool_snapshots=settings.snapshots,
