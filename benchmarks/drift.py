@@ -56,7 +56,9 @@ def stream_and_capture(tokens: list[int], sinks: int, window: int, chunk: int):
     llm = LLM(
         str(MODEL), dtype="float32", enforce_eager=True, max_num_seqs=1,
         max_model_len=len(tokens) + 8, max_num_batched_tokens=chunk,
-        additional_config={"streaming_sinks": sinks, "streaming_window": window},
+        # Snapshots off: the finished stream's blocks are freed, where they are read below.
+        additional_config={"streaming_sinks": sinks, "streaming_window": window,
+                           "streaming_snapshots": 0},
     )  # fmt: skip
     core = llm.llm_engine.engine_core.engine_core
     manager = core.scheduler.streaming.sinks
