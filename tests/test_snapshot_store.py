@@ -286,3 +286,42 @@ def test_over_the_count_limit_snapshots_go_to_host_memory_and_restores_need_room
     assert keeper.resume([0] * 301, "", 300) is None
     manager.free("live")
     assert keeper.resume([0] * 301, "", 300)[3] == "host"
+
+
+def test_of_snapshots_resuming_as_much_the_one_in_the_pool_is_taken():
+    """A regenerated or edited turn is resumed as well by the prompt's snapshot as by the
+    reply's: of equals, the one the pool holds is copied, not another restored from host
+    memory, however recently that one was used."""
+    manager, pool, groups, keeper = host_keeper(num_blocks=60, capacity=1, host_snapshots=2)
+    shared = [7] * 60
+    a, b = shared + [900] * 30, shared + [901] * 30  # 90 tokens each: never evicted
+    for name, tokens in (("a", a), ("b", b)):
+        stream(manager, name, 90)
+        groups.keep_snapshot(name, tokens, "")
+    assert keeper.tier_figures()["host"][0] == 1  # a, spilled when b came
+    keeper.take_ops()
+    prompt = shared + [902, 903]
+    for a_used_last in (False, True):
+        if a_used_last:
+            keeper.index.used(keeper.index.find(a, "", 89)[0])
+        found, length, _, tier = keeper.resume(prompt, "", len(prompt) - 1)
+        assert (found.snapshot_id, length, tier) == (sid(keeper, b), 60, "pool")
+        assert not any(isinstance(op, RestoreSnapshot) for op in keeper.take_ops())
+
+
+def test_a_snapshot_that_cannot_be_restored_gives_way_to_the_next_best():
+    """No room in the pool to restore the host snapshot that resumes the most: a pool
+    snapshot that resumes fewer tokens is taken rather than none."""
+    manager, pool, groups, keeper = host_keeper(num_blocks=40, capacity=1, host_snapshots=1)
+    shared = [7] * 40
+    a, b = shared + [900] * 50, shared + [901] * 50
+    for name, tokens in (("a", a), ("b", b)):
+        stream(manager, name, 90)
+        groups.keep_snapshot(name, tokens, "")
+    keeper.take_ops()
+    step(manager, "live", 0, (pool.get_num_free_blocks() - 5) * 32)  # a's restore needs 6
+    found, length, _, tier = keeper.resume(a + [5], "", 90)
+    assert (found.snapshot_id, length, tier) == (sid(keeper, b), 40, "pool")
+    manager.free("live")
+    found, length, _, tier = keeper.resume(a + [5], "", 90)
+    assert (found.snapshot_id, length, tier) == (sid(keeper, a), 90, "host")

@@ -153,22 +153,27 @@ class SnapshotIndex:
         if snapshot.key in self._by_key:
             self._by_key.move_to_end(snapshot.key)
 
+    def candidates(
+        self, tokens: Sequence[int], request_salt: str, max_tokens: int
+    ) -> list[tuple[Snapshot, int]]:
+        """Every snapshot that resumes some of ``tokens`` (at most ``max_tokens`` of them), with
+        how many: the most tokens first, the most recently used first among equals."""
+        starts = {s.resumable_from for s in self._by_key.values() if s.resumable_from <= max_tokens}
+        if not starts:
+            return []
+        keys = self.keys(tokens[: max(starts)], request_salt)
+        start_keys = {keys.key(start) for start in starts}
+        found = []
+        for snapshot in reversed(self._by_key.values()):
+            if snapshot.start_key in start_keys:
+                length = snapshot.resumable_length(tokens, max_tokens)
+                if length:
+                    found.append((snapshot, length))
+        return sorted(found, key=lambda candidate: -candidate[1])  # stable: recency kept
+
     def find(
         self, tokens: Sequence[int], request_salt: str, max_tokens: int
     ) -> tuple[Snapshot, int] | None:
-        """The snapshot that resumes the most of ``tokens``, at most ``max_tokens`` of them.
-
-        With how many tokens it resumes; ``None`` if none resumes a token.
-        """
-        starts = {s.resumable_from for s in self._by_key.values() if s.resumable_from <= max_tokens}
-        if not starts:
-            return None
-        keys = self.keys(tokens[: max(starts)], request_salt)
-        start_keys = {keys.key(start) for start in starts}
-        best: tuple[Snapshot, int] | None = None
-        for snapshot in self._by_key.values():
-            if snapshot.start_key in start_keys:
-                length = snapshot.resumable_length(tokens, max_tokens)
-                if length and (best is None or length > best[1]):
-                    best = (snapshot, length)
-        return best
+        """The snapshot that resumes the most of ``tokens`` (:meth:`candidates`' first)."""
+        found = self.candidates(tokens, request_salt, max_tokens)
+        return found[0] if found else None

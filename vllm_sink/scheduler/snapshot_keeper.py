@@ -301,22 +301,30 @@ class SnapshotKeeper:
         """The snapshot that resumes the most of ``tokens`` (at most ``max_tokens``), in the pool.
 
         With how many tokens it resumes, its pool blocks for them and the tier
-        it was found in. A snapshot in host memory or on disk is restored into
-        the pool first, if the pool has room for it and for the request's copy
-        of it; ``None`` if it has not, or if none resumes ``min_tokens``.
+        it was found in. Of snapshots that resume as many tokens, the one
+        cheapest to bring back is taken: in the pool, then in host memory,
+        then on disk. One in host memory or on disk is restored into the pool
+        first, if the pool has room for it and for the request's copy of it;
+        if it has not (or its file is damaged), the next best is tried.
+        ``None`` if none resumes ``min_tokens``.
         """
-        found = self.index.find(tokens, request_salt, max_tokens)
-        if (found is None or found[1] < min_tokens) and self.disk is not None:
+        found = self.index.candidates(tokens, request_salt, max_tokens)
+        if (not found or found[0][1] < min_tokens) and self.disk is not None:
             if time.monotonic() - self._scanned_at > RESCAN_ON_MISS_S:
                 self.scan()  # another engine may have written it since
-                found = self.index.find(tokens, request_salt, max_tokens)
-        if found is None or found[1] < min_tokens:
+                found = self.index.candidates(tokens, request_salt, max_tokens)
+        found.sort(key=lambda candidate: (-candidate[1], self._tier_index(candidate[0])))
+        for snapshot, length in found:
+            if length < min_tokens:
+                return None
+            if self.index.get(snapshot.key) is not snapshot:  # a failed restore dropped it
+                continue
+            tier = TIERS[self._tier_index(snapshot)]
+            if tier == "pool" or self._restore(snapshot, tier):
+                break
+        else:
             return None
-        snapshot, length = found
         key = snapshot.key
-        tier = next(name for name, t in zip(TIERS, self._tiers()) if key in t)
-        if tier != "pool" and not self._restore(snapshot, tier):
-            return None
         self.index.used(snapshot)
         for held in self._tiers():
             if key in held:
@@ -325,6 +333,10 @@ class SnapshotKeeper:
             self.disk.touch(snapshot)
         held = -(-snapshot.stream_length(length) // self.block_size)
         return snapshot, length, tuple(row[:held] for row in self._pool[key]), tier
+
+    def _tier_index(self, snapshot: Snapshot) -> int:
+        """0, 1 or 2: the cheapest tier that holds ``snapshot`` (pool, host, disk)."""
+        return next(i for i, tier in enumerate(self._tiers()) if snapshot.key in tier)
 
     def _tiers(self) -> tuple[OrderedDict, ...]:
         return self._pool, self._host, self._disk
