@@ -123,8 +123,8 @@ def main() -> None:
     threads = figures["server_env"]["VLLM_CPU_OMP_THREADS_BIND"]
     origin["threads"] = f"VLLM_CPU_OMP_THREADS_BIND={threads} (the server's environment)"
     result = {
+        **origin,
         "name": args.name,
-        "provenance": origin,
         "server": {"model": str(MODEL.relative_to(REPO)), "declared_context": CONTEXT,
                    "flags": FLAGS, "kv_space_gib": KV_SPACE_GIB, "dtype": "float32",
                    "enforce_eager": True, "startup_s": round(startup_s, 1)},
