@@ -317,8 +317,6 @@ class SnapshotKeeper:
         for snapshot, length in found:
             if length < min_tokens:
                 return None
-            if self.index.get(snapshot.key) is not snapshot:  # a failed restore dropped it
-                continue
             tier = TIERS[self._tier_index(snapshot)]
             if tier == "pool" or self._restore(snapshot, tier):
                 break
